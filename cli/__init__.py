@@ -1,0 +1,1 @@
+"""The ``zkd`` command line: thin click wrappers over :mod:`zeroshot_kd`."""

@@ -1,0 +1,88 @@
+"""Options and plumbing shared by every ``zkd`` subcommand (one option set, reused everywhere)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+from zeroshot_kd.errors import ZkdError
+
+
+def parse_floats(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+    """click callback: ``"0.5,0.5,0.5"`` -> (0.5, 0.5, 0.5)."""
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected a comma list of numbers, got {value!r}") from None
+
+
+def teacher_options(f: Callable) -> Callable:
+    """``--teacher`` and the overrides for custom teachers, shared by every subcommand that loads one."""
+    opts = [
+        click.option("--teacher", default=None, metavar="SPEC", show_default="fmnist_resnet14 (shipped)",
+                     help="Checkpoint PATH, module:function, torchvision model name, or built-in teacher name."),
+        click.option("--weights", default=None, metavar="ENUM|PATH|none",
+                     help="torchvision weights enum (DEFAULT, IMAGENET1K_V2, ...), a state_dict file, or none."),
+        click.option("--arch", default=None, metavar="SPEC",
+                     help="Architecture for a checkpoint file that holds only weights."),
+        click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Override: number of classes."),
+        click.option("--image-size", type=click.IntRange(min=1), default=None, help="Override: input resolution."),
+        click.option("--channels", type=click.IntRange(min=1), default=None, help="Override: input channels."),
+        click.option("--mean", default=None, callback=parse_floats, metavar="LIST",
+                     help="Override: per-channel normalization mean, e.g. 0.485,0.456,0.406."),
+        click.option("--std", default=None, callback=parse_floats, metavar="LIST",
+                     help="Override: per-channel normalization std."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def teacher_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+    """Pop the teacher options out of a command's keyword arguments, named as ``load_teacher`` takes them."""
+    keys = {"teacher": "spec", "weights": "weights", "arch": "arch", "num_classes": "num_classes",
+            "image_size": "image_size", "channels": "channels", "mean": "mean", "std": "std"}
+    return {dst: kw.pop(src) for src, dst in keys.items() if src in kw}
+
+
+device_option = click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]|mps",
+                             help="Where to run; auto picks cuda, then mps, then cpu.")
+precision_option = click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+                                show_default=True, help="Autocast dtype for forward passes; statistics and losses "
+                                "stay float32.")
+seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Base seed; per-batch seeds "
+                           "derive from (seed, batch index).")
+json_option = click.option("--json", "as_json", is_flag=True, default=False,
+                           help="Print one JSON summary object on stdout (human text stays on stderr).")
+
+
+def echo(msg: str) -> None:
+    """Human-readable output goes to stderr, so stdout stays machine-readable."""
+    click.echo(msg, err=True)
+
+
+def emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=None, sort_keys=True, default=str))
+
+
+def handle_errors(f: Callable) -> Callable:
+    """Turn expected failures (ZkdError) into a one-line message and exit code 2, without a traceback."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except ZkdError as e:
+            click.echo(f"zkd: error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("zkd: interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper

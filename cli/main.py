@@ -1,0 +1,43 @@
+"""The ``zkd`` click group. Each subcommand lives in its own module ``cli/<name>.py`` as ``command``."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from zeroshot_kd import __version__
+
+SUBCOMMANDS = ("synthesize", "calibrate", "evaluate", "similarity", "distill")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="zkd")
+def cli() -> None:
+    """zkd: data-free synthesis, low-bit quantization and distillation for PyTorch classifiers.
+
+    \b
+    zkd synthesize   images from a frozen teacher's BatchNorm statistics -> shards
+    zkd calibrate    a fake-quantized low-bit student on those shards
+    zkd evaluate     accuracy of a teacher or student on a data source
+    zkd similarity   how close datasets are to the teacher's unseen training data
+    zkd distill      train any student from the teacher with KD objectives
+    """
+
+
+for _name in SUBCOMMANDS:
+    try:
+        _module = importlib.import_module(f"cli.{_name}")
+    except ModuleNotFoundError as _e:
+        if _e.name != f"cli.{_name}":
+            raise
+        continue
+    cli.add_command(_module.command, _name)
+
+
+def main() -> None:
+    cli(prog_name="zkd")
+
+
+if __name__ == "__main__":
+    main()

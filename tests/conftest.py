@@ -1,0 +1,28 @@
+"""Shared fixtures: the shipped teacher and a small random BN network for closed-form tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zeroshot_kd import load_teacher
+from zeroshot_kd.models import cifar_resnet
+
+
+@pytest.fixture(scope="session")
+def teacher():
+    """The shipped Fashion-MNIST teacher (assets/fmnist_resnet14.pt), frozen, on CPU."""
+    return load_teacher()
+
+
+@pytest.fixture()
+def small_net() -> torch.nn.Module:
+    """A random ResNet-8 (width 4) in eval mode with non-trivial running statistics."""
+    torch.manual_seed(0)
+    net = cifar_resnet(8, 4)
+    g = torch.Generator().manual_seed(1)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return net.eval()

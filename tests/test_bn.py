@@ -1,0 +1,131 @@
+"""BatchNorm statistics hooks and the divergences on them, against direct computations and closed forms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.distributions import Normal, kl_divergence
+
+from zeroshot_kd.bn import BNStatsHook, bn_layers, bns_kl_loss, deepinversion_feature_loss, gaussian_kl, require_bn
+from zeroshot_kd.errors import ZkdError
+
+
+def test_hook_statistics_equal_direct_computation(small_net):
+    x = torch.randn(6, 1, 12, 12)
+    # Direct: capture each BN input with a separate mechanism (replace forward), compute mean/var by hand.
+    inputs = {}
+    originals = {}
+    for name, bn in bn_layers(small_net):
+        originals[name] = bn.forward
+
+        def fwd(t, _name=name, _orig=originals[name]):
+            inputs[_name] = t.detach().clone()
+            return _orig(t)
+
+        bn.forward = fwd
+    with BNStatsHook(small_net) as hook:
+        small_net(x)
+    for name, bn in bn_layers(small_net):
+        bn.forward = originals[name]
+    assert sorted(s.name for s in hook.stats) == sorted(n for n, _ in bn_layers(small_net))  # execution order
+    for s in hook.stats:
+        t = inputs[s.name].double()
+        c = t.shape[1]
+        flat = t.transpose(0, 1).reshape(c, -1)
+        mean = flat.sum(1) / flat.shape[1]
+        var = ((flat - mean[:, None]) ** 2).sum(1) / flat.shape[1]  # biased, as BN normalizes with
+        torch.testing.assert_close(s.mean.double(), mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(s.var.double(), var, rtol=1e-5, atol=1e-6)
+        assert s.mean.dtype == torch.float32
+
+
+def test_hook_statistics_float32_under_bf16_autocast(small_net):
+    x = torch.randn(4, 1, 12, 12)
+    with BNStatsHook(small_net) as hook, torch.autocast("cpu", dtype=torch.bfloat16):
+        small_net(x)
+    assert all(s.mean.dtype == torch.float32 and s.var.dtype == torch.float32 for s in hook.stats)
+
+
+def test_hooks_removed_on_exit(small_net):
+    with BNStatsHook(small_net) as hook:
+        small_net(torch.randn(2, 1, 8, 8))
+    n = len(hook.stats)
+    small_net(torch.randn(2, 1, 8, 8))
+    assert len(hook.stats) == n
+
+
+def test_gaussian_kl_closed_form():
+    # KL(N(0,1) || N(1,4)) = 0.5 ln 4 + (1 + 1) / 8 - 0.5
+    expected = 0.5 * math.log(4) + 2 / 8 - 0.5
+    got = gaussian_kl(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(1.0), torch.tensor(4.0))
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    # and against torch.distributions on random values
+    mu_p, mu_q = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    var_p, var_q = torch.rand(50, dtype=torch.float64) + 0.1, torch.rand(50, dtype=torch.float64) + 0.1
+    ref = kl_divergence(Normal(mu_p, var_p.sqrt()), Normal(mu_q, var_q.sqrt()))
+    torch.testing.assert_close(gaussian_kl(mu_p, var_p, mu_q, var_q), ref)
+    # the issue's form: log(sigma_b / sigma_r) + (var_r + (mu_r - mu_b)^2) / (2 var_b) - 1/2
+    issue_form = torch.log(var_q.sqrt() / var_p.sqrt()) + (var_p + (mu_p - mu_q) ** 2) / (2 * var_q) - 0.5
+    torch.testing.assert_close(gaussian_kl(mu_p, var_p, mu_q, var_q), issue_form)
+
+
+def _bn_with_stats(mean, var, eps=1e-5):
+    bn = nn.BatchNorm2d(len(mean), eps=eps).eval()
+    bn.running_mean.copy_(torch.tensor(mean))
+    bn.running_var.copy_(torch.tensor(var))
+    return bn
+
+
+def test_bns_kl_zero_when_statistics_match_and_known_value_otherwise():
+    # A batch whose per-channel mean/biased variance we set exactly: values +-s around m.
+    m, s = torch.tensor([0.5, -1.0]), torch.tensor([2.0, 0.5])
+    x = m.view(1, 2, 1, 1) + s.view(1, 2, 1, 1) * torch.tensor([1.0, -1.0]).view(2, 1, 1, 1).repeat(1, 1, 2, 2)
+    bn = _bn_with_stats(m.tolist(), (s**2).tolist(), eps=0.0)
+    with BNStatsHook(nn.Sequential(bn)) as hook:
+        bn(x)
+    assert bns_kl_loss(hook.stats).item() == pytest.approx(0.0, abs=1e-6)
+    # running N(0, 1) per channel vs batch N(m, s^2): sum over channels of the closed form, one layer
+    bn2 = _bn_with_stats([0.0, 0.0], [1.0, 1.0], eps=0.0)
+    with BNStatsHook(nn.Sequential(bn2)) as hook:
+        bn2(x)
+    expected = sum(0.5 * math.log(sv**2) + (1 + mv**2) / (2 * sv**2) - 0.5 for mv, sv in zip(m.tolist(), s.tolist()))
+    assert bns_kl_loss(hook.stats).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_bns_kl_averages_layers_and_weights_first():
+    stats_net = nn.Sequential(_bn_with_stats([0.0], [1.0], 0.0), _bn_with_stats([1.0], [1.0], 0.0))
+    x = torch.tensor([1.0, -1.0]).view(2, 1, 1, 1)  # mean 0, var 1 at the first BN; BN output = x again
+    with BNStatsHook(stats_net) as hook:
+        stats_net(x)
+    # layer 1: KL = 0; layer 2: input is BN1(x) = x (mean 0, var 1), running N(1, 1): KL = 0.5
+    assert bns_kl_loss(hook.stats).item() == pytest.approx(0.25, rel=1e-5)
+    assert bns_kl_loss(hook.stats, first_bn_multiplier=10).item() == pytest.approx(0.25, rel=1e-5)
+
+
+def test_deepinversion_feature_loss_formula(small_net):
+    x = torch.randn(5, 1, 10, 10)
+    with BNStatsHook(small_net) as hook:
+        small_net(x)
+    expected = 0.0
+    for i, s in enumerate(hook.stats):
+        r = math.sqrt(((s.mean - s.running_mean) ** 2).sum().item()) + math.sqrt(((s.var - s.running_var) ** 2).sum().item())
+        expected += (10.0 if i == 0 else 1.0) * r
+    assert deepinversion_feature_loss(hook.stats, 10.0).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_bn_loss_gradient_reaches_input(small_net):
+    small_net.requires_grad_(False)
+    x = torch.randn(4, 1, 10, 10, requires_grad=True)
+    with BNStatsHook(small_net) as hook:
+        small_net(x)
+    bns_kl_loss(hook.stats).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in small_net.parameters())
+
+
+def test_teacher_without_bn_is_refused():
+    with pytest.raises(ZkdError, match="BatchNorm"):
+        require_bn(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), "--method bns")

@@ -1,0 +1,156 @@
+"""The calibration pipeline on a small random teacher: student files reload bit-exactly, runs are reproducible,
+reconstruction and fine-tuning reduce their losses, the teacher is never modified."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from zeroshot_kd.data import FASHION_MNIST_SPEC
+from zeroshot_kd.errors import ZkdError
+from zeroshot_kd.quant.finetune import finetune, kd_loss
+from zeroshot_kd.quant.modules import QuantConfig, quant_layers
+from zeroshot_kd.quant.recon import ReconConfig, reconstruct
+from zeroshot_kd.quant.pipeline import CalibrationOptions, calibrate_student
+from zeroshot_kd.quant.student import FORMAT_VERSION, load_student, read_student_file, save_student
+from zeroshot_kd.teachers import Teacher, state_sha256
+
+ARCH = {"builder": "zeroshot_kd.models:cifar_resnet", "kwargs": {"depth": 8, "width": 4}}
+
+
+@pytest.fixture()
+def small_teacher(small_net) -> Teacher:
+    small_net.requires_grad_(False)
+    return Teacher(small_net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(small_net))
+
+
+def run(teacher, config, **kw):
+    opts = dict(data="gaussian:48", num_images=32, holdout=16, batch_size=16, candidates=20, progress=False)
+    opts.update(kw)
+    return calibrate_student(teacher, config, CalibrationOptions(**opts), torch.device("cpu"))
+
+
+def test_save_load_bit_exact_and_codes(tmp_path, small_teacher):
+    config = QuantConfig(4, 4, w_asym=True)
+    res = run(small_teacher, config)
+    path = tmp_path / "s.pt"
+    save_student(path, res.student, config, res.layers, small_teacher, res.folded, ARCH)
+    loaded = load_student(path)
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), res.student(x))
+    obj = read_student_file(path)
+    for name, layer in quant_layers(res.student):
+        s, z = layer.wq.scale.detach().view(-1, 1, 1, 1) if layer.weight.dim() == 4 else \
+            layer.wq.scale.detach().view(-1, 1), layer.wq.zero_point.view(-1, *[1] * (layer.weight.dim() - 1))
+        codes = torch.clamp(torch.round(layer.weight * (1.0 / s)) + z, layer.wq.qmin, layer.wq.qmax)
+        assert torch.equal(obj["codes"][name].float(), codes)
+        assert obj["codes"][name].min() >= layer.wq.qmin and obj["codes"][name].max() <= layer.wq.qmax
+    assert obj["config"]["convention"].startswith("W4A4")
+    assert obj["teacher"]["weights_sha256"] == small_teacher.weights_sha256
+
+
+def test_same_seed_same_bytes(tmp_path, small_teacher):
+    config = QuantConfig(4, 4)
+    paths = []
+    for i in range(2):
+        res = run(small_teacher, config, recon=True, recon_iters=3, finetune_steps=2, lr=1e-4)
+        p = tmp_path / f"s{i}.pt"
+        save_student(p, res.student, config, res.layers, small_teacher, res.folded, ARCH, {"seed": 0})
+        paths.append(p)
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+
+
+def test_unknown_format_version_and_wrong_files(tmp_path, small_teacher):
+    config = QuantConfig(8, 8)
+    res = run(small_teacher, config)
+    path = tmp_path / "s.pt"
+    save_student(path, res.student, config, res.layers, small_teacher, res.folded, ARCH)
+    obj = torch.load(path, weights_only=True)
+    obj["format_version"] = FORMAT_VERSION + 1
+    torch.save(obj, tmp_path / "future.pt")
+    with pytest.raises(ZkdError, match="unknown student format version"):
+        load_student(tmp_path / "future.pt")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "plain.pt")
+    with pytest.raises(ZkdError, match="not a zkd student file"):
+        load_student(tmp_path / "plain.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ZkdError, match="cannot read"):
+        load_student(tmp_path / "junk.pt")
+    with pytest.raises(ZkdError, match="does not exist"):
+        load_student(tmp_path / "missing.pt")
+
+
+def test_teacher_untouched_and_student_folded(small_teacher):
+    before = state_sha256(small_teacher.model)
+    res = run(small_teacher, QuantConfig(4, 4), finetune_steps=2)
+    assert state_sha256(small_teacher.model) == before
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in small_teacher.model.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in res.student.modules())
+    assert len(res.folded) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in small_teacher.model.modules())
+
+
+def test_no_fold_keeps_bn_in_eval_mode(small_teacher):
+    res = run(small_teacher, QuantConfig(8, 8, fold_bn=False), finetune_steps=3, lr=1e-3)
+    bns = [m for m in res.student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    teacher_bns = [m for m in small_teacher.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and res.folded == []
+    for b, t in zip(bns, teacher_bns):  # running statistics did not drift during fine-tuning
+        assert torch.equal(b.running_mean, t.running_mean) and torch.equal(b.running_var, t.running_var)
+
+
+def test_activation_grids_follow_sign(small_teacher):
+    res = run(small_teacher, QuantConfig(4, 4, keep_8bit="none"))
+    layers = dict(quant_layers(res.student))
+    assert layers["conv1"].aq.symmetric is False  # the network input is signed -> asymmetric with zero point
+    assert layers["layer1.0.conv1"].aq.symmetric is True  # after ReLU -> unsigned [0, 15]
+    assert layers["layer1.0.conv1"].aq.zero_point.item() == 0
+
+
+def test_finetune_reduces_kd_loss_and_custom_loss(small_teacher):
+    res = run(small_teacher, QuantConfig(3, 3))
+    x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    y = torch.zeros(32, dtype=torch.long)
+    loss = kd_loss(4.0)
+    with torch.no_grad():
+        t_logits = small_teacher.model(x)
+        before = loss(res.student(x), t_logits, x, y)[0].item()
+    hist = finetune(res.student, small_teacher.model, [(x, y)], steps=30, lr=3e-3, log_every=10, progress=False)
+    with torch.no_grad():
+        after = loss(res.student(x), t_logits, x, y)[0].item()
+    assert after < before and len(hist) == 3 and hist[-1]["step"] == 30
+    # the documented default: T^2 * KL(p_t^T || p_s^T), batchmean
+    s = torch.randn(4, 10, generator=torch.Generator().manual_seed(5))
+    t = torch.randn(4, 10, generator=torch.Generator().manual_seed(6))
+    pt, ps = torch.softmax(t / 4, 1), torch.softmax(s / 4, 1)
+    expected = 16 * (pt * (pt.log() - ps.log())).sum(1).mean()
+    assert loss(s, t, s, y[:4])[0].item() == pytest.approx(expected.item(), rel=1e-5)
+    calls = []
+
+    def custom(s_logits, t_logits, inputs, targets):
+        calls.append(inputs.shape[0])
+        return (s_logits - t_logits).pow(2).mean(), {"mse": 0.0}
+
+    hist = finetune(copy.deepcopy(res.student), small_teacher.model, [(x, y)], steps=2, loss_fn=custom,
+                    progress=False)
+    assert calls == [32, 32] and "mse" in hist[-1]
+
+
+def test_reconstruction_reduces_block_loss(small_teacher):
+    res = run(small_teacher, QuantConfig(3, 3), data="gaussian:64", num_images=64, holdout=0)
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(8))
+    hist = reconstruct(res.student, res.fp_model, [x[:32], x[32:]], torch.device("cpu"),
+                       ReconConfig(iters=120, batch_size=16, lr_round=1e-2), seed=0, progress=False)
+    assert [h["block"] for h in hist] == ["conv1", "layer1.0", "layer2.0", "layer3.0", "fc"]
+    # learned rounding is never much worse than nearest rounding, and clearly better on most blocks
+    assert all(h["loss_after"] <= h["loss_before"] * 1.01 for h in hist), hist
+    assert sum(h["loss_after"] < 0.95 * h["loss_before"] for h in hist) >= 3, hist
+    for _, layer in quant_layers(res.student):  # learned rounding left the weights on the grid
+        assert layer.wq.adaround is None
+        codes = layer.wq.quantize(layer.weight)
+        torch.testing.assert_close(layer.wq(layer.weight),
+                                   (codes - layer.wq._shaped(layer.wq.zero_point, layer.weight)) *
+                                   layer.wq._shaped(layer.wq.scale.detach(), layer.weight))

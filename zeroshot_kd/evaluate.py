@@ -1,0 +1,91 @@
+"""Accuracy of a teacher or student on a data source: top-1 / top-5, and agreement / KL with a teacher.
+
+Top-k counts only labelled items (label >= 0; ``gaussian:N`` has none). Agreement is the fraction of items where
+the model's and the teacher's arg-max agree; KL is ``KL(p_teacher || p_model)`` at T = 1, averaged over items.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .errors import ZkdError
+from .runtime import autocast
+
+__all__ = ["evaluate_model", "load_model", "topk_correct"]
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+    """Number of rows whose label is among the ``k`` largest logits (k capped at the number of classes)."""
+    k = min(k, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    return int((top == labels.view(-1, 1)).any(1).sum().item())
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, dataset: Dataset, device: torch.device | str = "cpu", batch_size: int = 256,
+                   teacher: nn.Module | None = None, precision: str = "fp32", progress: bool = True,
+                   desc: str = "evaluate") -> dict[str, Any]:
+    """Top-1/top-5 accuracy (percent) of ``model`` on ``dataset``, and agreement/KL with ``teacher`` if given.
+
+    Returns:
+        ``{"images", "labelled", "top1", "top5", "agreement", "kl"}``; accuracies are None without labels,
+        agreement/KL None without a teacher.
+    """
+    device = torch.device(device)
+    model.eval()
+    if teacher is not None:
+        teacher.eval()
+    n = labelled = c1 = c5 = agree = 0
+    kl_sum = 0.0
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        x, y = x.to(device), torch.as_tensor(y).to(device)
+        with autocast(device, precision):
+            logits = model(x).float()
+        mask = y >= 0
+        if mask.any():
+            labelled += int(mask.sum())
+            c1 += topk_correct(logits[mask], y[mask], 1)
+            c5 += topk_correct(logits[mask], y[mask], 5)
+        if teacher is not None:
+            with autocast(device, precision):
+                t = teacher(x).float()
+            if t.shape != logits.shape:
+                raise ZkdError(f"model gives {tuple(logits.shape[1:])} outputs, teacher {tuple(t.shape[1:])}; "
+                               "compare models with the same classes")
+            agree += int((t.argmax(1) == logits.argmax(1)).sum())
+            kl_sum += F.kl_div(F.log_softmax(logits, 1), F.log_softmax(t, 1), reduction="sum", log_target=True).item()
+        n += x.shape[0]
+    return {
+        "images": n,
+        "labelled": labelled,
+        "top1": 100.0 * c1 / labelled if labelled else None,
+        "top5": 100.0 * c5 / labelled if labelled else None,
+        "agreement": 100.0 * agree / n if teacher is not None and n else None,
+        "kl": kl_sum / n if teacher is not None and n else None,
+    }
+
+
+def load_model(spec: str, device: torch.device | str = "cpu", **teacher_kwargs: Any) -> tuple[nn.Module, Any, dict]:
+    """Load ``spec`` as a student file (``zkd calibrate --out``) or else as a teacher spec.
+
+    Returns:
+        (model in eval mode, its InputSpec, a description dict with ``kind`` "student" or "teacher").
+    """
+    from pathlib import Path
+
+    from .quant.student import is_student_file, load_student
+    from .teachers import load_teacher
+
+    if Path(spec).is_file() and is_student_file(spec):
+        student = load_student(spec, device=device)
+        return student, student.zkd_spec, {"kind": "student", "spec": spec,
+                                           "convention": student.zkd_info["config"].get("convention")}
+    t = load_teacher(spec, device=device, **teacher_kwargs)
+    return t.model, t.spec, {"kind": "teacher", "spec": spec, "weights_sha256": t.weights_sha256}

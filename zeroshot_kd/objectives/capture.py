@@ -1,0 +1,179 @@
+"""Intermediate features by module path, captured with forward hooks (the models are never modified).
+
+An **address** is a module path as in ``model.named_modules()`` (``layer3``, ``layer3.1.relu2``), optionally
+suffixed ``@in`` to take the module's first input instead of its output (``fc@in`` is the pooled penultimate
+vector, ``layer3.1.relu2@in`` the last block's pre-ReLU sum). A module called several times in one forward
+(torchvision's ``BasicBlock.relu``) keeps its **last** call.
+
+Keywords expand against a model's structure, so defaults work for CIFAR ResNets and torchvision ResNets alike:
+
+============== ==================================================================================
+``stages``       the outputs of the top-level children named ``layer1``, ``layer2``, ... (post-ReLU)
+``last-stage``   the last of those
+``stem``         the input of ``layer1`` (the stem's output)
+``penultimate``  the input of the last ``nn.Linear`` (the pooled feature vector)
+``preact``       for each stage, the input of the last ReLU of its last block (pre-ReLU, for OFD)
+============== ==================================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..errors import ZkdError
+
+__all__ = ["FeatureCapture", "KEYWORDS", "preact_bn", "resolve_layers", "split_address"]
+
+KEYWORDS = ("stages", "last-stage", "stem", "penultimate", "preact")
+
+
+def split_address(address: str) -> tuple[str, bool]:
+    """``"fc@in"`` -> ("fc", True); ``"layer3"`` -> ("layer3", False)."""
+    if address.endswith("@in"):
+        return address[: -len("@in")], True
+    return address, False
+
+
+def _stages(model: nn.Module, role: str) -> list[str]:
+    found = [(int(m.group(1)), n) for n, _ in model.named_children() if (m := re.fullmatch(r"layer(\d+)", n))]
+    if not found:
+        children = ", ".join(n for n, _ in model.named_children()) or "none"
+        raise ZkdError(f"the {role} has no top-level layer1, layer2, ... stages for the 'stages' keyword; pass "
+                       f"module paths instead (its top-level modules: {children})")
+    return [n for _, n in sorted(found)]
+
+
+def _last_block(model: nn.Module, stage: str) -> tuple[str, nn.Module]:
+    mod = model.get_submodule(stage)
+    children = list(mod.named_children())
+    if isinstance(mod, nn.Sequential) and children:
+        name, block = children[-1]
+        return f"{stage}.{name}", block
+    return stage, mod
+
+
+def _preact(model: nn.Module, stage: str, role: str) -> str:
+    path, block = _last_block(model, stage)
+    relus = [n for n, m in block.named_modules() if isinstance(m, nn.ReLU) and n]
+    if not relus:
+        raise ZkdError(f"the {role}'s {path} has no nn.ReLU module, so 'preact' cannot find its pre-ReLU output "
+                       "(functional ReLU); pass layers=PATH@in explicitly")
+    return f"{path}.{relus[-1]}@in"
+
+
+def preact_bn(model: nn.Module, address: str) -> str | None:
+    """The BatchNorm that feeds a ``preact`` address: the last BN of the block outside its shortcut, or None."""
+    path, is_in = split_address(address)
+    if not is_in or "." not in path:
+        return None
+    block_path = path.rsplit(".", 1)[0]
+    try:
+        block = model.get_submodule(block_path)
+    except AttributeError:
+        return None
+    bns = [n for n, m in block.named_modules() if isinstance(m, nn.BatchNorm2d)
+           and not any(s in n for s in ("downsample", "shortcut"))]
+    return f"{block_path}.{bns[-1]}" if bns else None
+
+
+def _valid_paths(model: nn.Module, limit: int = 40) -> str:
+    names = [n for n, _ in model.named_modules() if n]
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def resolve_layers(model: nn.Module, tokens: list[str], role: str = "student") -> list[str]:
+    """Expand keywords and check that every address names an existing module of ``model``.
+
+    Raises:
+        ZkdError: a path that does not exist, listing the model's valid paths.
+    """
+    out: list[str] = []
+    for tok in tokens:
+        if tok == "stages":
+            out += _stages(model, role)
+        elif tok == "last-stage":
+            out.append(_stages(model, role)[-1])
+        elif tok == "stem":
+            out.append(f"{_stages(model, role)[0]}@in")
+        elif tok == "penultimate":
+            linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+            if not linears:
+                raise ZkdError(f"the {role} has no nn.Linear layer for 'penultimate'; pass layers=PATH@in")
+            out.append(f"{linears[-1]}@in")
+        elif tok == "preact":
+            out += [_preact(model, s, role) for s in _stages(model, role)]
+        else:
+            path, _ = split_address(tok)
+            try:
+                model.get_submodule(path)
+            except AttributeError:
+                raise ZkdError(f"layer {tok!r} does not exist in the {role}; use a module path (suffix @in for "
+                               f"its input) or a keyword ({', '.join(KEYWORDS)}); valid paths: "
+                               f"{_valid_paths(model)}") from None
+            if not path:
+                raise ZkdError(f"layer {tok!r}: give a sub-module path, not the whole {role}")
+            out.append(tok)
+    return out
+
+
+class FeatureCapture:
+    """Forward hooks that record the activations at a list of addresses into ``self.features``.
+
+    Also records the root model's last input (``last_input``), so a caller can tell whether the captured
+    features belong to the batch at hand. ``close()`` removes every hook.
+    """
+
+    def __init__(self, model: nn.Module, addresses: list[str]) -> None:
+        self.features: dict[str, torch.Tensor] = {}
+        self.last_input: torch.Tensor | None = None
+        self.enabled = True
+        self._handles = []
+        for addr in addresses:
+            path, is_in = split_address(addr)
+            module = model.get_submodule(path)
+            self._handles.append(module.register_forward_hook(self._hook(addr, is_in)))
+        if addresses:
+            self._handles.append(model.register_forward_pre_hook(self._root_hook))
+
+    def _root_hook(self, module: nn.Module, args: tuple) -> None:
+        if self.enabled and args and isinstance(args[0], torch.Tensor):
+            self.last_input = args[0]
+
+    def _hook(self, addr: str, is_in: bool):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if not self.enabled:
+                return
+            value = args[0] if is_in else output
+            if not isinstance(value, torch.Tensor):
+                raise ZkdError(f"layer {addr!r} {'input' if is_in else 'output'} is not a tensor; pick another layer")
+            self.features[addr] = value
+
+        return hook
+
+    def clear(self) -> None:
+        self.features = {}
+        self.last_input = None
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """Return the captured features and forget them (each batch starts empty)."""
+        out, self.features = self.features, {}
+        return out
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        prev, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = prev
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

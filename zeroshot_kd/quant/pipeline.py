@@ -1,0 +1,243 @@
+"""The ``zkd calibrate`` pipeline as one library call: data -> folded student -> ranges -> recon / KD -> report.
+
+Steps:
+
+1. Read ``--data`` (``num_images`` calibration images plus up to ``holdout`` more, held out for the report);
+   shards must come from this teacher (manifest ``weights_sha256``) and input spec.
+2. Copy the teacher, fold BN into the copy (the teacher is never modified), keep that float copy as the
+   reconstruction/SQNR reference, and replace Conv2d/Linear by fake-quantized layers.
+3. Weight ranges: per-channel Lp (p = 2.4) clipping search. Activation ranges: per-tensor search on the
+   calibration batches, then fixed.
+4. Optional ``recon`` (block reconstruction with AdaRound + learned activation steps, QDrop) and/or
+   ``finetune_steps`` of KD fine-tuning (weights + step sizes, default ``T^2``-scaled KL at T = 4).
+5. Report: per-layer table, teacher-student agreement/KL on held-out images, optional real-data accuracy, timing.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..data import make_dataset
+from ..errors import ZkdError
+from ..evaluate import evaluate_model
+from ..runtime import batch_generator
+from .calibrate import calibrate_activations, calibrate_weights
+from .finetune import DEFAULT_TEMPERATURE, LossFn, finetune
+from .fold import fold_bn
+from .modules import LayerConfig, QuantConfig, check_supported, quantize_model
+from .recon import ReconConfig, reconstruct
+from .report import global_metrics, layer_report
+
+__all__ = ["CalibrationOptions", "CalibrationResult", "calibrate_student", "check_data_teacher", "data_kind"]
+
+
+@dataclass
+class CalibrationOptions:
+    """Everything about *how* to calibrate (the QuantConfig says *what* the student is)."""
+
+    data: str
+    num_images: int = 1024
+    holdout: int = 256
+    eval_data: str | None = None
+    eval_images: int | None = None
+    batch_size: int = 32
+    w_method: str = "lp"
+    a_method: str = "mse"
+    lp_p: float = 2.4
+    candidates: int = 100
+    percentile: float = 99.99
+    act_images: int | None = None
+    recon: bool = False
+    recon_iters: int = 1000
+    recon_images: int | None = None
+    recon_drop: float = 0.5
+    recon_lambda: float = 0.01
+    finetune_steps: int = 0
+    lr: float = 1e-5
+    scale_lr: float | None = None
+    temperature: float = DEFAULT_TEMPERATURE
+    seed: int = 0
+    precision: str = "fp32"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [(self.num_images >= 1, "--num-images must be >= 1"), (self.holdout >= 0, "--holdout must be >= 0"),
+                  (self.batch_size >= 1, "--batch-size must be >= 1"), (self.candidates >= 1, "--candidates must be >= 1"),
+                  (0 < self.percentile <= 100, "--percentile must be in (0, 100]"),
+                  (self.recon_iters >= 0, "--recon-iters must be >= 0"),
+                  (0 < self.recon_drop <= 1, "--recon-drop must be in (0, 1]"),
+                  (self.finetune_steps >= 0, "--finetune-steps must be >= 0"), (self.lr > 0, "--lr must be > 0"),
+                  (self.temperature > 0, "--temperature must be > 0")]
+        for ok, msg in checks:
+            if not ok:
+                raise ZkdError(msg)
+
+
+@dataclass
+class CalibrationResult:
+    student: nn.Module
+    fp_model: nn.Module
+    layers: dict[str, LayerConfig]
+    folded: list[tuple[str, str]]
+    report: dict[str, Any]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def data_kind(source: str) -> tuple[str, str]:
+    """``(kind, argument)`` of a ``--data`` string, as :func:`zeroshot_kd.data.make_dataset` reads it."""
+    kind, _, arg = source.partition(":")
+    if not arg and kind not in ("fashion-mnist", "gaussian", "folder", "shards"):
+        kind, arg = "shards", source
+    return kind, arg
+
+
+def check_data_teacher(source: str, teacher: Any) -> None:
+    """Refuse shards synthesized from other teacher weights than ``teacher`` (manifest ``weights_sha256``)."""
+    kind, arg = data_kind(source)
+    if kind != "shards":
+        return
+    from ..shards import read_manifest
+
+    manifest = read_manifest(arg)
+    recorded = (manifest.get("teacher") or {}).get("weights_sha256")
+    if recorded and teacher.weights_sha256 and recorded != teacher.weights_sha256:
+        raise ZkdError(f"shards in {arg} were synthesized from another teacher (weights sha256 {recorded[:12]}...), "
+                       f"not --teacher (sha256 {teacher.weights_sha256[:12]}...); synthesize shards for this teacher")
+
+
+def _stack(ds: Dataset, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0):
+        xs.append(x.float())
+        ys.append(torch.as_tensor(y).long())
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _batches(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return [x[i:i + batch_size] for i in range(0, x.shape[0], batch_size)]
+
+
+def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOptions, device: torch.device,
+                      loss_fn: LossFn | None = None) -> CalibrationResult:
+    """Build, calibrate and optionally reconstruct / fine-tune a fake-quantized student of ``teacher``.
+
+    Args:
+        teacher: a :class:`~zeroshot_kd.teachers.Teacher` (model, spec, provenance); it is not modified.
+        config: bits, grids and the 8-bit convention.
+        opts: data, range-search methods, reconstruction and fine-tuning settings.
+        device: where to run.
+        loss_fn: fine-tuning objective ``(s_logits, t_logits, inputs, targets) -> (loss, terms)``; default KD.
+
+    Returns:
+        The student (eval mode), its float folded reference, per-layer configs, folded pairs and the report dict.
+    """
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    check_data_teacher(opts.data, teacher)
+    ds = make_dataset(opts.data, teacher.spec, num_images=opts.num_images + opts.holdout, seed=opts.seed,
+                      verify=data_kind(opts.data)[0] == "shards")
+    total = len(ds)
+    n_cal = min(opts.num_images, total)
+    cal_x, cal_y = _stack(Subset(ds, range(n_cal)))
+    if total > n_cal:
+        hold_x, _ = _stack(Subset(ds, range(n_cal, total)))
+        separate = True
+    else:
+        hold_x, separate = cal_x[: max(opts.holdout, 1)], False
+    timing["load_data"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    student = copy.deepcopy(teacher.model).eval()
+    check_supported(student)
+    folded: list[tuple[str, str]] = []
+    if config.fold_bn:
+        with torch.no_grad():
+            folded = fold_bn(student, example=cal_x[:8].to(device))
+    fp_model = copy.deepcopy(student).eval().requires_grad_(False)
+    layers = quantize_model(student, config)
+    student.requires_grad_(False).eval()
+    calibrate_weights(student, opts.w_method, opts.lp_p, opts.candidates)
+    timing["weights"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    act_x = cal_x[: opts.act_images or n_cal]
+    act_batches = _batches(act_x, opts.batch_size)
+    act_stats = calibrate_activations(student, act_batches, len(act_batches), device, opts.precision, opts.a_method,
+                                      opts.lp_p, opts.candidates, opts.percentile, seed=opts.seed,
+                                      progress=opts.progress)
+    for name, st in act_stats.items():
+        layers[name].a_signed = bool(st["signed"])
+    timing["activations"] = time.perf_counter() - t
+
+    recon_hist: list[dict] = []
+    if opts.recon and opts.recon_iters > 0:
+        t = time.perf_counter()
+        rcfg = ReconConfig(iters=opts.recon_iters, batch_size=opts.batch_size, drop_prob=opts.recon_drop,
+                           reg=opts.recon_lambda)
+        recon_hist = reconstruct(student, fp_model, _batches(cal_x[: opts.recon_images or n_cal], 128), device,
+                                 rcfg, seed=opts.seed, progress=opts.progress)
+        timing["reconstruction"] = time.perf_counter() - t
+
+    ft_hist: list[dict] = []
+    if opts.finetune_steps > 0:
+        t = time.perf_counter()
+
+        def loader(epoch: int):
+            perm = torch.randperm(n_cal, generator=batch_generator(opts.seed, epoch, "finetune"))
+            for i in range(0, n_cal - opts.batch_size + 1 if n_cal >= opts.batch_size else 1, opts.batch_size):
+                idx = perm[i:i + opts.batch_size]
+                yield cal_x[idx], cal_y[idx]
+
+        ft_hist = finetune(student, teacher.model, loader, opts.finetune_steps, opts.lr, opts.scale_lr, device,
+                           opts.precision, loss_fn, opts.temperature, opts.progress)
+        timing["finetune"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    hold_batches = _batches(hold_x, 128)
+    heldout = global_metrics(student, teacher.model, hold_batches, device, opts.precision)
+    rows = layer_report(student, fp_model, _batches(hold_x[:256], 128), device)
+    timing["report"] = time.perf_counter() - t
+    evaluation = None
+    if opts.eval_data:
+        t = time.perf_counter()
+        eval_ds = make_dataset(opts.eval_data, teacher.spec, num_images=opts.eval_images, seed=opts.seed + 1)
+        evaluation = {"data": opts.eval_data,
+                      "teacher": evaluate_model(teacher.model, eval_ds, device, precision=opts.precision,
+                                                progress=opts.progress, desc="evaluate teacher"),
+                      "student": evaluate_model(student, eval_ds, device, teacher=teacher.model,
+                                                precision=opts.precision, progress=opts.progress,
+                                                desc="evaluate student")}
+        timing["evaluation"] = time.perf_counter() - t
+    timing["total"] = time.perf_counter() - t0
+
+    settings = {k: v for k, v in asdict(opts).items() if k != "progress"}
+    settings.update(calibration_images=n_cal, heldout_images=int(hold_x.shape[0]) if separate else 0,
+                    device=str(device), torch=torch.__version__, teacher_sha256=teacher.weights_sha256,
+                    finetune_loss=("custom" if loss_fn is not None else f"T^2 KL, T={opts.temperature}"),
+                    bn_folded=len(folded))
+    report = {
+        "config": {**config.to_dict(), "convention": config.convention()},
+        "settings": settings,
+        "teacher": teacher.to_dict(),
+        "heldout": heldout,
+        "heldout_is_separate": separate,
+        "eval": evaluation,
+        "layers": rows,
+        "recon": recon_hist,
+        "finetune": ft_hist,
+        "timing": timing,
+    }
+    summary = {"convention": config.convention(), "w_bits": config.w_bits, "a_bits": config.a_bits,
+               "calibration_images": n_cal, "heldout_agreement": heldout["agreement"], "heldout_kl": heldout["kl"],
+               "seconds": timing["total"]}
+    if evaluation:
+        summary.update(eval_data=opts.eval_data, teacher_top1=evaluation["teacher"]["top1"],
+                       student_top1=evaluation["student"]["top1"], eval_agreement=evaluation["student"]["agreement"])
+    return CalibrationResult(student, fp_model, layers, folded, report, summary)

@@ -1,0 +1,199 @@
+"""Quantization reports: per-layer bits, scales, SQNR and clipping; global teacher-student agreement and KL.
+
+SQNR is ``20 log10(||x|| / ||x - x_hat||)`` dB (``torch.ao.ns`` ``compute_sqnr``), accumulated over all
+evaluation batches (sums of squares, then one ratio). For weights, ``x`` is the float (folded) weight and ``x_hat``
+the student's fake-quantized weight, so learned rounding and fine-tuning show up as changes. For activations,
+``x`` is a layer's input in the student and ``x_hat`` its fake-quantized value; the clipping rate is the fraction of
+input values whose code ``round(x / s) + z`` falls outside the grid. Output SQNR compares each layer's output in
+the student with the same layer's output in the float model on the same images (errors accumulate with depth).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..runtime import autocast
+from .fakequant import sqnr_db
+from .modules import quant_layers
+
+__all__ = ["global_metrics", "layer_report", "render_markdown"]
+
+
+def _fmt(v: Any, nd: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return f"{v:.{nd}f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    return str(v)
+
+
+@torch.no_grad()
+def layer_report(student: nn.Module, fp_model: nn.Module, batches: Sequence[torch.Tensor],
+                 device: torch.device) -> list[dict[str, Any]]:
+    """Per quantized layer: bits, grids, scales, weight/activation/output SQNR and clipping rates."""
+    student.eval()
+    fp_model.eval()
+    fp_layers = dict(fp_model.named_modules())
+    acc: dict[str, dict[str, float]] = {}
+    outs_s: dict[str, torch.Tensor] = {}
+    outs_f: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, layer in quant_layers(student):
+        a = acc.setdefault(name, {"x2": 0.0, "e2": 0.0, "clip": 0.0, "n": 0.0, "y2": 0.0, "ye2": 0.0})
+
+        def pre(m: nn.Module, args: tuple, a: dict = a) -> None:
+            if m.aq is None:
+                return
+            x = args[0].detach().float()
+            xq = m.aq(x)
+            s, z = m.aq.scale.detach(), m.aq.zero_point
+            codes = torch.round(x * (1.0 / s)) + z
+            a["x2"] += x.pow(2).sum().item()
+            a["e2"] += (x - xq).pow(2).sum().item()
+            a["clip"] += ((codes < m.aq.qmin) | (codes > m.aq.qmax)).sum().item()
+            a["n"] += x.numel()
+
+        def post_s(m: nn.Module, args: tuple, out: torch.Tensor, name: str = name) -> None:
+            outs_s[name] = out.detach().float()
+
+        def post_f(m: nn.Module, args: tuple, out: torch.Tensor, name: str = name) -> None:
+            outs_f[name] = out.detach().float()
+
+        handles.append(layer.register_forward_pre_hook(pre))
+        handles.append(layer.register_forward_hook(post_s))
+        if name in fp_layers:
+            handles.append(fp_layers[name].register_forward_hook(post_f))
+    try:
+        for x in batches:
+            outs_s.clear()
+            outs_f.clear()
+            student(x.to(device))
+            fp_model(x.to(device))
+            for name, y in outs_s.items():
+                if name in outs_f and outs_f[name].shape == y.shape:
+                    acc[name]["y2"] += outs_f[name].pow(2).sum().item()
+                    acc[name]["ye2"] += (outs_f[name] - y).pow(2).sum().item()
+    finally:
+        for h in handles:
+            h.remove()
+    rows = []
+    for name, layer in quant_layers(student):
+        ref = fp_layers[name].weight.detach().float() if name in fp_layers else layer.weight.detach().float()
+        w_hat = layer.wq(layer.weight).float()
+        wq = layer.wq
+        shape = [-1] + [1] * (ref.dim() - 1)
+        codes = torch.round(ref * (1.0 / wq.scale.view(shape))) + wq.zero_point.view(shape)
+        a = acc[name]
+        row = {
+            "layer": name,
+            "type": type(layer).__name__.replace("Quant", ""),
+            "groups": getattr(layer, "groups", 1),
+            "params": layer.weight.numel() + (layer.bias.numel() if layer.bias is not None else 0),
+            "w_bits": wq.bits,
+            "w_grid": [wq.qmin, wq.qmax],
+            "w_scale_min": wq.scale.min().item(),
+            "w_scale_median": wq.scale.median().item(),
+            "w_scale_max": wq.scale.max().item(),
+            "w_sqnr_db": sqnr_db(ref.pow(2).sum().item(), (ref - w_hat).pow(2).sum().item()),
+            "w_clip_rate": ((codes < wq.qmin) | (codes > wq.qmax)).float().mean().item(),
+            "a_bits": layer.aq.bits if layer.aq is not None else None,
+            "a_grid": [layer.aq.qmin, layer.aq.qmax] if layer.aq is not None else None,
+            "a_signed": bool(layer.aq is not None and not layer.aq.symmetric),
+            "a_scale": layer.aq.scale.item() if layer.aq is not None else None,
+            "a_zero_point": int(layer.aq.zero_point.item()) if layer.aq is not None else None,
+            "a_sqnr_db": sqnr_db(a["x2"], a["e2"]) if layer.aq is not None and a["n"] else None,
+            "a_clip_rate": a["clip"] / a["n"] if layer.aq is not None and a["n"] else None,
+            "out_sqnr_db": sqnr_db(a["y2"], a["ye2"]) if a["y2"] > 0 else None,
+        }
+        rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device, precision: str) -> torch.Tensor:
+    out = []
+    for x in batches:
+        with autocast(device, precision):
+            out.append(model(x.to(device)).float().cpu())
+    return torch.cat(out)
+
+
+def _compare(t: torch.Tensor, s: torch.Tensor) -> dict[str, float]:
+    kl = F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), reduction="batchmean", log_target=True).item()
+    return {"agreement": 100.0 * (t.argmax(1) == s.argmax(1)).float().mean().item(), "kl": kl,
+            "logit_sqnr_db": sqnr_db(t.pow(2).sum().item(), (t - s).pow(2).sum().item())}
+
+
+@torch.no_grad()
+def global_metrics(student: nn.Module, teacher: nn.Module, batches: Sequence[torch.Tensor], device: torch.device,
+                   precision: str = "fp32") -> dict[str, Any]:
+    """Teacher-student agreement (%), KL(p_t || p_s) and logit SQNR on ``batches``; also weight-only and
+    activation-only quantization (the sensitivity split)."""
+    t = _logits(teacher, batches, device, precision)
+    out = {"images": int(t.shape[0]), **_compare(t, _logits(student, batches, device, precision))}
+    layers = [m for _, m in quant_layers(student)]
+    for label, attr in (("weights_only", "aq"), ("activations_only", "wq")):
+        qs = [getattr(m, attr) for m in layers if getattr(m, attr) is not None]
+        for q in qs:
+            q.enabled = False
+        try:
+            out[label] = _compare(t, _logits(student, batches, device, precision))
+        finally:
+            for q in qs:
+                q.enabled = True
+    return out
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """A human-readable report.md from the report dict written by the calibration pipeline."""
+    cfg, g = report["config"], report["heldout"]
+    lines = ["# zkd calibrate report", "", f"**Convention:** {cfg['convention']}", "",
+             "## Configuration", "", "| key | value |", "|---|---|"]
+    for k, v in report["settings"].items():
+        lines.append(f"| {k} | {_fmt(v) if not isinstance(v, (dict, list)) else v} |")
+    lines += ["", f"## Teacher vs student on {g['images']} {'held-out' if report['heldout_is_separate'] else 'calibration (no held-out images left)'} "
+              f"images of `{report['settings']['data']}`", "",
+              "| quantized | top-1 agreement % | KL(t‖s) | logit SQNR dB |", "|---|---|---|---|"]
+    for label, d in (("weights + activations", g), ("weights only", g["weights_only"]),
+                     ("activations only", g["activations_only"])):
+        lines.append(f"| {label} | {_fmt(d['agreement'])} | {_fmt(d['kl'], 4)} | {_fmt(d['logit_sqnr_db'])} |")
+    if report.get("eval"):
+        e = report["eval"]
+        lines += ["", f"## Accuracy on `{e['data']}` ({e['student']['images']} images)", "",
+                  "| model | top-1 % | top-5 % | agreement % |", "|---|---|---|---|",
+                  f"| teacher (FP32) | {_fmt(e['teacher']['top1'])} | {_fmt(e['teacher']['top5'])} | - |",
+                  f"| student | {_fmt(e['student']['top1'])} | {_fmt(e['student']['top5'])} | "
+                  f"{_fmt(e['student']['agreement'])} |"]
+    lines += ["", "## Per layer", "",
+              "| layer | type | W bits | W scale min/med/max | W SQNR dB | W clip % | A bits | A grid | A scale | A zp "
+              "| A SQNR dB | A clip % | out SQNR dB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["layers"]:
+        typ = r["type"] + (f" (groups={r['groups']})" if r["groups"] != 1 else "")
+        agrid = "-" if r["a_grid"] is None else f"[{r['a_grid'][0]},{r['a_grid'][1]}]{'+zp' if r['a_signed'] else ''}"
+        wclip = 100 * r["w_clip_rate"]
+        aclip = None if r["a_clip_rate"] is None else 100 * r["a_clip_rate"]
+        lines.append(f"| {r['layer']} | {typ} | {r['w_bits']} | {_fmt(r['w_scale_min'], 4)}/"
+                     f"{_fmt(r['w_scale_median'], 4)}/{_fmt(r['w_scale_max'], 4)} | {_fmt(r['w_sqnr_db'])} | "
+                     f"{_fmt(wclip)} | {_fmt(r['a_bits'])} | {agrid} | {_fmt(r['a_scale'], 4)} | "
+                     f"{_fmt(r['a_zero_point'])} | {_fmt(r['a_sqnr_db'])} | {_fmt(aclip)} | {_fmt(r['out_sqnr_db'])} |")
+    if report.get("recon"):
+        lines += ["", "## Block reconstruction", "", "| block | layers | loss before | loss after |", "|---|---|---|---|"]
+        for r in report["recon"]:
+            lines.append(f"| {r['block']} | {r['layers']} | {_fmt(r['loss_before'], 5)} | {_fmt(r['loss_after'], 5)} |")
+    if report.get("finetune"):
+        keys = [k for k in report["finetune"][0] if k != "step"]
+        lines += ["", "## Fine-tuning", "", "| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for r in report["finetune"]:
+            lines.append(f"| {r['step']} | " + " | ".join(_fmt(r[k], 5) for k in keys) + " |")
+    lines += ["", "## Timing (s)", "", "| stage | seconds |", "|---|---|"]
+    for k, v in report["timing"].items():
+        lines.append(f"| {k} | {_fmt(v)} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,243 @@
+"""Student files: one ``torch.save`` file holding everything needed to rebuild the fake-quantized student.
+
+Contents (all plain containers and tensors, so ``torch.load(..., weights_only=True)`` reads it)::
+
+    format           "zkd-student"
+    format_version   1
+    zkd_version      version that wrote it
+    config           QuantConfig (bits, w_asym, keep_8bit, fold_bn) and "convention", the one-line statement
+    teacher          the teacher's provenance (source, weights_sha256, input_spec)
+    architecture     how to build the float skeleton: {"builder": "module:function", "kwargs": {...}} or
+                     {"torchvision": name, "kwargs": {...}}; None when it cannot be recorded (pass model=)
+    folded           [[conv_path, bn_path], ...] BatchNorm layers folded into convs (replaced by Identity)
+    layers           per quantized layer: kind, w_bits, a_bits, w_asym, role, a_signed, grids
+    codes            per quantized layer: integer weight codes q (int8, or uint8 for asymmetric 8-bit grids)
+    state            the rest of the state_dict: biases, weight scales/zero points (``*.wq.*``), activation
+                     scales/zero points (``*.aq.*``), any BatchNorm kept unfolded
+    calibration      summary of how it was made (data, methods, timing)
+
+The weight of a quantized layer is rebuilt as ``(q - z) * s``; fake-quantizing it again gives the same codes, so
+the reloaded student reproduces the saved one's outputs bit for bit.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..errors import ZkdError
+from ..io import atomic_write_bytes
+from ..spec import InputSpec
+from .fold import set_module
+from .modules import LayerConfig, QuantConfig, quant_layers, quantize_model
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "architecture_record", "build_architecture", "is_student_file",
+           "load_student", "read_student_file", "save_student", "student_spec"]
+
+FORMAT = "zkd-student"
+FORMAT_VERSION = 1
+
+
+def _card_record(card: dict[str, Any]) -> dict[str, Any]:
+    arch = dict(card["architecture"])
+    return {"builder": arch.pop("builder"), "kwargs": arch}
+
+
+def _spec_record(spec: str, num_classes: int) -> dict[str, Any] | None:
+    from ..teachers import _is_module_function, _torchvision_names, assets_dir, builtin_teachers
+
+    if spec in builtin_teachers():
+        with open(assets_dir() / f"{spec}.json") as f:
+            return _card_record(json.load(f))
+    if _is_module_function(spec):
+        return {"builder": spec, "kwargs": {"num_classes": num_classes}}
+    if spec in _torchvision_names():
+        return {"torchvision": spec, "kwargs": {"num_classes": num_classes}}
+    return None
+
+
+def architecture_record(teacher: Any) -> dict[str, Any] | None:
+    """How to build an untrained copy of ``teacher``'s architecture, from its provenance; None if unknown."""
+    src = teacher.source or {}
+    kind, spec = src.get("kind"), src.get("spec")
+    n = teacher.spec.num_classes
+    if kind == "builtin":
+        return _spec_record(spec, n)
+    if kind == "torchvision":
+        return {"torchvision": spec, "kwargs": {"num_classes": n}}
+    if kind == "module":
+        return {"builder": spec, "kwargs": {"num_classes": n}}
+    if kind == "file":
+        card_path = Path(spec).with_suffix(".json")
+        if card_path.is_file():
+            with open(card_path) as f:
+                card = json.load(f)
+            if card.get("architecture", {}).get("builder") == src.get("arch"):
+                return _card_record(card)
+        arch = src.get("arch")
+        return _spec_record(arch, n) if arch else None
+    return None
+
+
+def build_architecture(record: dict[str, Any]) -> nn.Module:
+    """Build the float skeleton described by an :func:`architecture_record`."""
+    from ..teachers import _call_builder, _import_function
+
+    kwargs = dict(record.get("kwargs") or {})
+    if "torchvision" in record:
+        import torchvision
+
+        return torchvision.models.get_model(record["torchvision"], weights=None, **kwargs)
+    builder = record["builder"]
+    return _call_builder(_import_function(builder), builder, kwargs)
+
+
+def _layer_record(lc: LayerConfig, layer: nn.Module) -> dict[str, Any]:
+    d = {"kind": lc.kind, "w_bits": lc.w_bits, "a_bits": lc.a_bits, "w_asym": lc.w_asym, "role": lc.role,
+         "a_signed": bool(layer.aq is not None and not layer.aq.symmetric),
+         "w_grid": [layer.wq.qmin, layer.wq.qmax]}
+    if layer.aq is not None:
+        d["a_grid"] = [layer.aq.qmin, layer.aq.qmax]
+    return d
+
+
+def save_student(path: str | os.PathLike, student: nn.Module, config: QuantConfig, layers: dict[str, LayerConfig],
+                 teacher: Any, folded: list[tuple[str, str]], architecture: dict[str, Any] | None,
+                 calibration: dict[str, Any] | None = None) -> None:
+    """Write a student file atomically (see the module docstring for the format)."""
+    qlayers = dict(quant_layers(student))
+    codes: dict[str, torch.Tensor] = {}
+    for name, layer in qlayers.items():
+        q = layer.wq.quantize(layer.weight)
+        dtype = torch.uint8 if layer.wq.qmin >= 0 and layer.wq.qmax > 127 else (
+            torch.int8 if layer.wq.qmin >= -128 and layer.wq.qmax <= 127 else torch.int16)
+        codes[name] = q.to(torch.int16).to(dtype).cpu().contiguous()
+    skip = {f"{name}.weight" for name in qlayers}
+    state = {k: v.detach().cpu().clone() for k, v in student.state_dict().items() if k not in skip}
+    obj = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "zkd_version": __version__,
+        "config": {**config.to_dict(), "convention": config.convention()},
+        "teacher": teacher.to_dict() if hasattr(teacher, "to_dict") else dict(teacher),
+        "architecture": architecture,
+        "folded": [list(p) for p in folded],
+        "layers": {name: _layer_record(layers[name], layer) for name, layer in qlayers.items()},
+        "codes": codes,
+        "state": state,
+        "calibration": json.loads(json.dumps(calibration or {}, default=str)),
+    }
+    # Serialize to memory first: torch.save names the zip archive after the file it writes, and the temporary
+    # name holds the PID, so saving to a file directly would make the bytes differ from run to run.
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_student_file(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The contents of a student file; None if ``path`` is a readable torch file of another kind.
+
+    Raises:
+        ZkdError: missing/unreadable file, or a student file of an unknown format version.
+    """
+    if not Path(path).is_file():
+        raise ZkdError(f"student file {path} does not exist; pass the --out of 'zkd calibrate'")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ZkdError(f"cannot read {path} ({type(e).__name__}); it is not a zkd student or torch checkpoint") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        return None
+    if obj.get("format_version") != FORMAT_VERSION:
+        raise ZkdError(f"{path}: unknown student format version {obj.get('format_version')!r}; this zkd "
+                       f"{__version__} reads version {FORMAT_VERSION} -- re-run 'zkd calibrate' or upgrade zkd")
+    return obj
+
+
+def is_student_file(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a file written by :func:`save_student` (any format version)."""
+    if not Path(path).is_file():
+        return False
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def student_spec(obj: dict[str, Any]) -> InputSpec:
+    """The input spec recorded in a student file's contents."""
+    return InputSpec.from_dict(obj["teacher"]["input_spec"])
+
+
+def load_student(path: str | os.PathLike, model: nn.Module | None = None,
+                 device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a saved fake-quantized student as an eval-mode module (no CLI needed).
+
+    Args:
+        path: a file written by ``zkd calibrate --out``.
+        model: an (untrained) float instance of the teacher's architecture, needed only when the file does not
+            record how to build it (teachers given as arbitrary objects).
+        device: where to put the module.
+
+    Returns:
+        The student, in eval mode with gradients off; ``student.zkd_spec`` is its InputSpec and
+        ``student.zkd_info`` the file's config/teacher/calibration records.
+
+    Raises:
+        ZkdError: missing or unreadable file, unknown format version, or an architecture that does not match.
+    """
+    obj = read_student_file(path)
+    if obj is None:
+        raise ZkdError(f"{path} is not a zkd student file (format {FORMAT!r}); pass the --out of 'zkd calibrate'")
+    if model is None:
+        if not obj.get("architecture"):
+            raise ZkdError(f"{path} does not record how to build its architecture; call "
+                           "load_student(path, model=<untrained instance of the teacher's architecture>)")
+        model = build_architecture(obj["architecture"])
+    model = model.cpu().eval()
+    for conv_name, bn_name in obj["folded"]:
+        try:
+            conv = model.get_submodule(conv_name)
+            model.get_submodule(bn_name)
+        except AttributeError:
+            raise ZkdError(f"{path}: the architecture has no layer {conv_name!r}/{bn_name!r}; it does not match "
+                           "the student") from None
+        if conv.bias is None:
+            conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype))
+        set_module(model, bn_name, nn.Identity())
+    config = QuantConfig.from_dict(obj["config"])
+    overrides = {name: LayerConfig(name, d["kind"], int(d["w_bits"]), None if d["a_bits"] is None else int(d["a_bits"]),
+                                   bool(d["w_asym"]), d.get("role", ""), bool(d.get("a_signed", False)))
+                 for name, d in obj["layers"].items()}
+    layers = quantize_model(model, config, overrides)
+    if set(layers) != set(overrides):
+        extra = sorted(set(overrides) - set(layers))[:3]
+        raise ZkdError(f"{path}: student layers {extra} are not in the architecture; it does not match the file")
+    result = model.load_state_dict(obj["state"], strict=False)
+    expected_missing = {f"{name}.weight" for name in layers}
+    missing = set(result.missing_keys) - expected_missing
+    if missing or result.unexpected_keys:
+        bad = sorted(missing)[:2] + sorted(result.unexpected_keys)[:2]
+        raise ZkdError(f"{path}: state does not fit the architecture ({', '.join(bad)}); the file is damaged or "
+                       "was written for another model")
+    with torch.no_grad():
+        for name, layer in quant_layers(model):
+            q = obj["codes"][name].to(torch.float32)
+            shape = [-1] + [1] * (layer.weight.dim() - 1)
+            s, z = layer.wq.scale.view(shape), layer.wq.zero_point.view(shape)
+            if tuple(q.shape) != tuple(layer.weight.shape):
+                raise ZkdError(f"{path}: codes of {name} have shape {tuple(q.shape)}, the layer "
+                               f"{tuple(layer.weight.shape)}; the file does not match the architecture")
+            layer.weight.copy_(((q - z) * s).to(layer.weight.dtype))
+    model.eval().requires_grad_(False).to(device)
+    model.zkd_spec = student_spec(obj)  # type: ignore[attr-defined]
+    model.zkd_info = {k: obj[k] for k in ("config", "teacher", "calibration", "layers")}  # type: ignore[attr-defined]
+    return model

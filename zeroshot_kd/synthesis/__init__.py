@@ -1,0 +1,104 @@
+"""Data-free image synthesis from a frozen teacher: ``synthesize(...)`` and the method registry.
+
+Methods (``--method``): ``gaussian``, ``inception``, ``bns``, ``deepinversion``, ``adi``; see each module's docstring
+for its loss, defaults and where it departs from the paper or the authors' code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import ZkdError
+from ..runtime import resolve_device
+from ..teachers import Teacher, load_teacher
+from . import adi, bns, deepinversion, gaussian, inception
+from .base import COMMON_DEFAULTS, Method
+from .engine import SynthesisConfig, optimize_batch, run_synthesis
+
+__all__ = ["COMMON_DEFAULTS", "METHODS", "Method", "SynthesisConfig", "get_method", "optimize_batch", "synthesize"]
+
+METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (gaussian, inception, bns, deepinversion, adi)}
+
+
+def get_method(name: str) -> Method:
+    """Look up a method by its ``--method`` name."""
+    if name not in METHODS:
+        raise ZkdError(f"unknown synthesis method {name!r}; choose one of: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def synthesize(
+    out: str | Path,
+    teacher: str | Teacher | None = None,
+    method: str = "deepinversion",
+    num_images: int = 256,
+    batch_size: int = 64,
+    seed: int = 0,
+    targets: str = "balanced",
+    device: str = "auto",
+    precision: str = "fp32",
+    student: str | nn.Module | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    **hyperparameters: Any,
+) -> dict[str, Any]:
+    """Synthesize images from a frozen teacher and write them as shards + manifest + preview into ``out``.
+
+    Args:
+        out: output folder; refused when not empty unless ``resume`` or ``overwrite``.
+        teacher: a :class:`~zeroshot_kd.teachers.Teacher` or a spec for :func:`~zeroshot_kd.load_teacher`
+            (None = the shipped Fashion-MNIST teacher).
+        method: one of :data:`METHODS`.
+        num_images: how many images in total.
+        batch_size: images optimized together (BN statistics are batch statistics, so this changes the result).
+        seed: base seed; batch b uses a generator seeded from (seed, b) only.
+        targets: ``balanced`` (class = global index mod K), ``random``, or a comma list of class ids (cycled).
+        device: ``auto``, ``cpu``, ``cuda[:N]`` or ``mps``.
+        precision: ``fp32``, ``bf16`` or ``fp16`` autocast for the forward passes; BN statistics and losses stay
+            float32.
+        student: model to compete against for ``adi`` (spec or module).
+        resume: continue an interrupted run with identical settings (finished shards are kept).
+        overwrite: delete a previous run's files in ``out`` first.
+        progress: show tqdm bars (rank 0 only).
+        log: callback for human-readable messages.
+        **hyperparameters: overrides of the method's defaults (see :data:`COMMON_DEFAULTS`), e.g. ``iterations``,
+            ``lr``, ``bn_weight``, ``first_bn_multiplier``, ``ce_weight``, ``tv_l1``, ``tv_l2``, ``l2``, ``jitter``,
+            ``flip``, ``adi_scale``, ``adi_temperature``, ``adi_js``, ``multires_iterations``, ``warmup``, ``clip``.
+
+    Returns:
+        The manifest written to ``out/manifest.json``.
+    """
+    m = get_method(method)
+    try:
+        hp = m.hyperparameters(hyperparameters)
+    except KeyError as e:
+        raise ZkdError(f"unknown hyper-parameter {e.args[0]!r}; valid: {', '.join(sorted(COMMON_DEFAULTS))}") from None
+    _validate(hp, num_images, batch_size)
+    dev = resolve_device(device)
+    t = teacher if isinstance(teacher, Teacher) else load_teacher(teacher, device=dev)
+    t.model.to(dev)
+    cfg = SynthesisConfig(method, num_images, batch_size, seed, targets, hp, precision)
+    return run_synthesis(out, t, m, cfg, dev, student=student, resume=resume, overwrite=overwrite,
+                         progress=progress, log=log)
+
+
+def _validate(hp: dict[str, Any], num_images: int, batch_size: int) -> None:
+    checks = [
+        (num_images >= 1, f"--num-images must be at least 1, got {num_images}"),
+        (batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}"),
+        (hp["iterations"] >= 0, f"--iterations must be >= 0, got {hp['iterations']}"),
+        (hp["lr"] > 0, f"--lr must be positive, got {hp['lr']}"),
+        (hp["multires_iterations"] >= 0, "--multires-iterations must be >= 0"),
+        (hp["adi_js"] in ("textbook", "deepinversion"), f"adi_js must be textbook or deepinversion, got {hp['adi_js']!r}"),
+        (hp["jitter"] is None or hp["jitter"] >= 0, "--jitter must be >= 0"),
+        (len(tuple(hp["betas"])) == 2 and all(0 <= b < 1 for b in hp["betas"]), "--betas needs two values in [0, 1)"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ZkdError(msg)

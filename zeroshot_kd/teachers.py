@@ -1,0 +1,304 @@
+"""Resolving ``--teacher`` (and any other model spec) into a frozen, eval-mode module and its input spec.
+
+A spec is tried, in order, as:
+
+1. an existing **file**: a checkpoint (bare state_dict, ``{"model": ...}``, ``{"state_dict": ...}``, ``module.``
+   prefixes), loaded with ``weights_only=True``. Its architecture comes from ``arch=`` (any spec of forms 2-4),
+   an ``"arch"`` entry in the checkpoint, or a JSON card beside it (``NAME.json``, as shipped in ``assets/``);
+2. ``module:function``: a callable returning an ``nn.Module`` (``weights=`` may then name a state-dict file);
+3. a **torchvision** model name (``torchvision.models.get_model``) with ``weights=`` a weights enum name
+   (``DEFAULT``, ``IMAGENET1K_V2``, ...), a local state-dict file, or ``none``;
+4. a **built-in** teacher shipped in ``assets/`` (``fmnist_resnet14``, the default).
+
+The returned model is in eval mode with ``requires_grad`` off; nothing in zkd modifies it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import ZkdError
+from .spec import InputSpec
+
+__all__ = [
+    "DEFAULT_TEACHER",
+    "Teacher",
+    "assets_dir",
+    "builtin_teachers",
+    "file_sha256",
+    "load_checkpoint_state",
+    "load_teacher",
+    "state_sha256",
+]
+
+DEFAULT_TEACHER = "fmnist_resnet14"
+IMAGENET_SPEC = InputSpec(3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1000)
+
+
+@dataclass
+class Teacher:
+    """A frozen classifier with everything needed to feed it and to record where it came from.
+
+    Attributes:
+        model: the module, eval mode, no gradients.
+        spec: its input specification.
+        source: provenance written into manifests and reports (kind, spec, weights, sha256 of the file).
+        weights_sha256: hash of the state_dict tensors; identifies the weights whatever the file format.
+    """
+
+    model: nn.Module
+    spec: InputSpec
+    source: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.source, "weights_sha256": self.weights_sha256, "input_spec": self.spec.to_dict()}
+
+
+def assets_dir() -> Path:
+    """The folder holding the built-in teachers (``assets/`` of the source tree, or the installed copy)."""
+    env = os.environ.get("ZKD_ASSETS")
+    candidates = ([Path(env)] if env else []) + [
+        Path(__file__).resolve().parent.parent / "assets",
+        Path(__file__).resolve().parent / "assets",
+    ]
+    for c in candidates:
+        if c.is_dir() and any(c.glob("*.json")):
+            return c
+    return candidates[-1]
+
+
+def builtin_teachers() -> list[str]:
+    """Names of the teachers shipped in ``assets/`` (a ``NAME.json`` card next to ``NAME.pt``)."""
+    return sorted(p.stem for p in assets_dir().glob("*.json") if p.with_suffix(".pt").is_file())
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def state_sha256(model: nn.Module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a module's state_dict, in order."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def load_checkpoint_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a state_dict from a checkpoint file, unwrapping the common containers and ``module.`` prefixes."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ZkdError(f"checkpoint {path} does not exist") from None
+    except Exception as e:
+        raise ZkdError(f"cannot read checkpoint {path} with weights_only=True ({type(e).__name__}); save a "
+                       "state_dict with torch.save(model.state_dict(), PATH)") from None
+    for key in ("model", "state_dict", "model_state_dict", "model_ema"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ZkdError(f"checkpoint {path} holds no state_dict (a dict of tensors); save model.state_dict()")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches raise even with strict=False
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise ZkdError(f"weights {where} do not fit the architecture ({first}); check --arch / --num-classes") from None
+    if result.missing_keys or result.unexpected_keys:
+        missing = ", ".join(result.missing_keys[:3]) + ("..." if len(result.missing_keys) > 3 else "")
+        unexpected = ", ".join(result.unexpected_keys[:3]) + ("..." if len(result.unexpected_keys) > 3 else "")
+        raise ZkdError(f"weights {where} do not fit the architecture (missing: {missing or '-'}; unexpected: "
+                       f"{unexpected or '-'}); check --arch / --num-classes")
+
+
+def _is_module_function(spec: str) -> bool:
+    mod, sep, fn = spec.partition(":")
+    return bool(sep) and bool(mod) and bool(fn) and all(p.isidentifier() for p in mod.split(".") + fn.split("."))
+
+
+def _call_builder(fn: Callable[..., Any], spec: str, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        model = fn(**kwargs)
+    except TypeError:
+        model = fn() if kwargs else None
+        if model is None:
+            raise
+    if not isinstance(model, nn.Module):
+        raise ZkdError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _import_function(spec: str) -> Callable[..., Any]:
+    mod_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ZkdError(f"cannot import module {mod_name!r} for {spec!r}: {e}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ZkdError(f"module {mod_name!r} has no attribute {attr!r} (from {spec!r})")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ZkdError(f"{spec} is not callable")
+    return obj
+
+
+def _card(path: Path) -> dict[str, Any] | None:
+    card_path = path.with_suffix(".json")
+    if card_path.is_file():
+        with open(card_path) as f:
+            return json.load(f)
+    return None
+
+
+def _build_from_card(card: dict[str, Any]) -> nn.Module:
+    arch = dict(card["architecture"])
+    builder = arch.pop("builder")
+    return _call_builder(_import_function(builder), builder, arch)
+
+
+def _torchvision_names() -> set[str]:
+    import torchvision
+
+    return set(torchvision.models.list_models())
+
+
+def _spec_from_options(base: InputSpec, num_classes: int | None, image_size: int | None, channels: int | None,
+                       mean: Sequence[float] | None, std: Sequence[float] | None) -> InputSpec:
+    c = channels or (len(mean) if mean else base.channels)
+    mean_t = tuple(mean) if mean else (base.mean if c == base.channels else (0.5,) * c)
+    std_t = tuple(std) if std else (base.std if c == base.channels else (0.5,) * c)
+    try:
+        return InputSpec(c, image_size or base.image_size, mean_t, std_t, num_classes or base.num_classes)
+    except ValueError as e:
+        raise ZkdError(f"bad input spec: {e}; pass --channels, --mean and --std consistently") from None
+
+
+def _torchvision_teacher(name: str, weights: str | None, num_classes: int | None) -> tuple[nn.Module, InputSpec, dict]:
+    import torchvision
+
+    source: dict[str, Any] = {"kind": "torchvision", "spec": name}
+    if weights is None or weights.lower() == "none":
+        kwargs = {"num_classes": num_classes} if num_classes else {}
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+        source["weights"] = None
+        return model, IMAGENET_SPEC, source
+    if Path(weights).is_file():
+        kwargs = {"num_classes": num_classes} if num_classes else {}
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+        _load_state(model, load_checkpoint_state(weights), weights)
+        source.update(weights=str(weights), sha256=file_sha256(weights))
+        return model, IMAGENET_SPEC, source
+    try:
+        enum_cls = torchvision.models.get_model_weights(name)
+        w = enum_cls[weights.split(".")[-1]]
+    except (KeyError, ValueError):
+        options = ", ".join(["DEFAULT", "none", "PATH"] + [e.name for e in torchvision.models.get_model_weights(name)])
+        raise ZkdError(f"unknown --weights {weights!r} for {name}; use one of: {options}") from None
+    from torch.hub import get_dir
+
+    cached = Path(get_dir()) / "checkpoints" / os.path.basename(w.url)
+    try:
+        model = torchvision.models.get_model(name, weights=w)
+    except Exception as e:  # no network: URLError, socket errors, HTTP errors
+        raise ZkdError(f"cannot download {w} ({type(e).__name__}): put the file at {cached} "
+                       f"or pass --weights PATH to a local state_dict") from None
+    t = w.transforms()
+    crop = t.crop_size[0] if isinstance(t.crop_size, (list, tuple)) else int(t.crop_size)
+    spec = InputSpec(len(t.mean), crop, tuple(t.mean), tuple(t.std), len(w.meta["categories"]))
+    source.update(weights=f"{type(w).__name__}.{w.name}", url=w.url,
+                  sha256=file_sha256(cached) if cached.is_file() else None)
+    return model, spec, source
+
+
+def load_teacher(
+    spec: str | None = None,
+    weights: str | None = None,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    image_size: int | None = None,
+    channels: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    device: str | torch.device = "cpu",
+) -> Teacher:
+    """Resolve a teacher spec into a frozen :class:`Teacher` (see the module docstring for the forms).
+
+    Args:
+        spec: file path, ``module:function``, torchvision name, or built-in name; None = the shipped default.
+        weights: torchvision weights enum name, a state-dict path, or ``none``.
+        arch: architecture for a checkpoint file that does not carry one (forms 2-4).
+        num_classes, image_size, channels, mean, std: input-spec overrides for custom teachers.
+        device: where to put the model.
+    """
+    spec = spec or DEFAULT_TEACHER
+    base = IMAGENET_SPEC
+    source: dict[str, Any]
+    path = Path(spec)
+    if path.is_file():
+        state = load_checkpoint_state(path)
+        card = _card(path)
+        if arch:
+            t = load_teacher(arch, weights="none", num_classes=num_classes, image_size=image_size,
+                             channels=channels, mean=mean, std=std)
+            model, base = t.model, t.spec
+        elif card is not None:
+            model, base = _build_from_card(card), InputSpec.from_dict(card["input_spec"])
+        else:
+            raise ZkdError(f"checkpoint {spec} holds only weights; pass --arch NAME (a torchvision model name, "
+                           f"module:function, or one of: {', '.join(builtin_teachers()) or 'none'})")
+        _load_state(model, state, str(path))
+        source = {"kind": "file", "spec": str(path), "arch": arch or card["architecture"]["builder"],
+                  "sha256": file_sha256(path)}
+    elif _is_module_function(spec):
+        kwargs = {"num_classes": num_classes} if num_classes else {}
+        model = _call_builder(_import_function(spec), spec, kwargs)
+        source = {"kind": "module", "spec": spec, "weights": None}
+        if weights and weights.lower() != "none":
+            if not Path(weights).is_file():
+                raise ZkdError(f"--weights {weights} does not exist; pass a state_dict file or 'none'")
+            _load_state(model, load_checkpoint_state(weights), weights)
+            source.update(weights=str(weights), sha256=file_sha256(weights))
+        if channels is None and mean is None:
+            first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+            if first is not None:
+                channels = first.in_channels
+    elif spec in builtin_teachers():
+        ckpt = assets_dir() / f"{spec}.pt"
+        card = _card(ckpt)
+        model, base = _build_from_card(card), InputSpec.from_dict(card["input_spec"])
+        _load_state(model, load_checkpoint_state(ckpt), str(ckpt))
+        source = {"kind": "builtin", "spec": spec, "sha256": file_sha256(ckpt),
+                  "test_accuracy": card.get("test_accuracy")}
+    elif spec in _torchvision_names():
+        model, base, source = _torchvision_teacher(spec, weights, num_classes)
+    elif ":" in spec or os.sep in spec or spec.endswith((".pt", ".pth", ".bin", ".ckpt")):
+        raise ZkdError(f"teacher {spec!r} is neither an existing file nor an importable module:function")
+    else:
+        raise ZkdError(f"unknown teacher {spec!r}: not a file, module:function, torchvision model or built-in "
+                       f"({', '.join(builtin_teachers()) or 'none shipped'})")
+    input_spec = _spec_from_options(base, num_classes, image_size, channels, mean, std)
+    model.eval().requires_grad_(False).to(device)
+    return Teacher(model, input_spec, source, state_sha256(model))
