@@ -37,7 +37,7 @@ bench: venv dataset
 	$(PY) bench/run_all.py
 
 teacher: venv dataset
-	$(PY) assets/train_teacher.py --out assets/fmnist_resnet14
+	OMP_NUM_THREADS=1 $(PY) assets/train_teacher.py --out assets/fmnist_resnet14
 
 clean:
 	rm -rf runs bench/cache .pytest_cache

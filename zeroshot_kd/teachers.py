@@ -53,12 +53,14 @@ class Teacher:
         spec: its input specification.
         source: provenance written into manifests and reports (kind, spec, weights, sha256 of the file).
         weights_sha256: hash of the state_dict tensors; identifies the weights whatever the file format.
+        classes: class names where known (shipped card, torchvision weights meta), for previews and reports.
     """
 
     model: nn.Module
     spec: InputSpec
     source: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str = ""
+    classes: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.source, "weights_sha256": self.weights_sha256, "input_spec": self.spec.to_dict()}
@@ -229,7 +231,7 @@ def _torchvision_teacher(name: str, weights: str | None, num_classes: int | None
     crop = t.crop_size[0] if isinstance(t.crop_size, (list, tuple)) else int(t.crop_size)
     spec = InputSpec(len(t.mean), crop, tuple(t.mean), tuple(t.std), len(w.meta["categories"]))
     source.update(weights=f"{type(w).__name__}.{w.name}", url=w.url,
-                  sha256=file_sha256(cached) if cached.is_file() else None)
+                  sha256=file_sha256(cached) if cached.is_file() else None, classes=list(w.meta["categories"]))
     return model, spec, source
 
 
@@ -256,6 +258,7 @@ def load_teacher(
     spec = spec or DEFAULT_TEACHER
     base = IMAGENET_SPEC
     source: dict[str, Any]
+    classes: list[str] | None = None
     path = Path(spec)
     if path.is_file():
         state = load_checkpoint_state(path)
@@ -292,8 +295,10 @@ def load_teacher(
         _load_state(model, load_checkpoint_state(ckpt), str(ckpt))
         source = {"kind": "builtin", "spec": spec, "sha256": file_sha256(ckpt),
                   "test_accuracy": card.get("test_accuracy")}
+        classes = card.get("classes")
     elif spec in _torchvision_names():
         model, base, source = _torchvision_teacher(spec, weights, num_classes)
+        classes = source.pop("classes", None)
     elif ":" in spec or os.sep in spec or spec.endswith((".pt", ".pth", ".bin", ".ckpt")):
         raise ZkdError(f"teacher {spec!r} is neither an existing file nor an importable module:function")
     else:
@@ -301,4 +306,6 @@ def load_teacher(
                        f"({', '.join(builtin_teachers()) or 'none shipped'})")
     input_spec = _spec_from_options(base, num_classes, image_size, channels, mean, std)
     model.eval().requires_grad_(False).to(device)
-    return Teacher(model, input_spec, source, state_sha256(model))
+    if classes is not None and len(classes) != input_spec.num_classes:
+        classes = None
+    return Teacher(model, input_spec, source, state_sha256(model), classes)

@@ -12,6 +12,6 @@ from .base import Method
 METHOD = Method(
     name="bns",
     summary="KL(N(running) || N(batch)) per BN channel (The Knowledge Within); --ce-weight adds BNS+I",
-    defaults={"bn_weight": 1.0, "lr": 0.1},
+    defaults={"bn_weight": 1.0},
     bn_loss=bns_kl_loss,
 )

@@ -157,9 +157,7 @@ def optimize_batch(
     if hp["clip"] or not method.optimize:
         x = spec.clamp(x)
     if not method.optimize:
-        with torch.no_grad(), autocast(device, cfg.precision):
-            labels = teacher(x).float().argmax(1).cpu()
-        return _finish(teacher, spec, x, labels, {}, float("nan"), device, cfg)
+        return _finish(teacher, spec, x, targets_cpu, {}, float("nan"), device, cfg, relabel=True)
 
     targets = targets_cpu.to(device)
     jitter = _jitter_pixels(hp, spec)
@@ -220,16 +218,23 @@ def optimize_batch(
                 terms["total"] = float(loss.detach())
                 if on_iteration is not None:
                     on_iteration(it, terms)
-    return _finish(teacher, spec, best.x, targets_cpu, terms, float(best.score.mean()), device, cfg)
+    # Without a CE term the targets never shaped the images: label them by the teacher instead.
+    return _finish(teacher, spec, best.x, targets_cpu, terms, float(best.score.mean()), device, cfg,
+                   relabel=not weights["ce"])
 
 
 @torch.no_grad()
 def _finish(teacher: nn.Module, spec: InputSpec, x: torch.Tensor, labels: torch.Tensor, terms: dict[str, float],
-            best_score: float, device: torch.device, cfg: SynthesisConfig) -> BatchResult:
-    """Measure the kept batch as stored (float16 round trip, no augmentation): teacher accuracy and BNS-KL."""
+            best_score: float, device: torch.device, cfg: SynthesisConfig, relabel: bool = False) -> BatchResult:
+    """Measure the kept batch as stored (float16 round trip, no augmentation): teacher accuracy and BNS-KL.
+
+    With ``relabel`` the labels become the teacher's argmax on the stored images (methods without a CE term).
+    """
     stored = x.detach().to(torch.float16).float()
     with BNStatsHook(teacher) as hook, autocast(device, cfg.precision):
         logits = teacher(stored).float()
+    if relabel:
+        labels = logits.argmax(1).cpu()
     acc = float((logits.argmax(1).cpu() == labels).float().mean())
     kl = float(bns_kl_loss(hook.stats)) if hook.stats else float("nan")
     return BatchResult(x.detach().float().cpu(), labels.cpu(), terms, best_score, acc, kl)
@@ -354,7 +359,7 @@ def run_synthesis(
             manifest = _write_manifest(out, teacher, cfg, device, student, env.world_size, time.time() - t_start)
             from ..preview import write_preview
 
-            write_preview(out, teacher.spec, manifest)
+            write_preview(out, teacher.spec, manifest, class_names=teacher.classes)
             if log:
                 log(f"wrote {manifest['num_images']} images in {len(manifest['shards'])} shards to {out}")
         barrier()
@@ -409,6 +414,8 @@ def _write_manifest(out: Path, teacher: Teacher, cfg: SynthesisConfig, device: t
         "student": _describe(student),
         "seed": cfg.seed,
         "targets": cfg.targets,
+        "labels": "targets" if (cfg.method != "gaussian" and cfg.hyperparameters["ce_weight"])
+        else "teacher argmax (the method has no CE term)",
         "num_images": sum(weights),
         "batch_size": cfg.batch_size,
         "precision": cfg.precision,
