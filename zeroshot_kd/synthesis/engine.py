@@ -117,7 +117,8 @@ class BestTracker:
         """Record ``x[i]`` for every sample whose ``score[i]`` beats its best (strictly); copies, never aliases."""
         better = score < self.score
         self.score = torch.where(better, score, self.score)
-        self.x[better] = x.detach()[better]
+        # torch.where instead of boolean indexing: no host sync on GPUs; the result is a fresh tensor (a copy).
+        self.x = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x.detach(), self.x)
 
 
 def _lr_at(base: float, it: int, total: int, warmup: int) -> float:
@@ -170,7 +171,8 @@ def optimize_batch(
     x = x.clone().requires_grad_(True)
     terms: dict[str, float] = {}
     best = BestTracker(x)
-    with BNStatsHook(teacher) as hook:
+    # Hooks only where a BN term is optimized: they cost a pass over every BN input, forward and backward.
+    with BNStatsHook(teacher if use_bn else nn.Identity()) as hook:
         for iters, pool in stages:
             opt = torch.optim.Adam([x], lr=hp["lr"], betas=tuple(hp["betas"]), eps=1e-8)
             warmup = min(int(hp["warmup"]), iters // 4)
