@@ -21,7 +21,7 @@ Examples:
   zkd calibrate --data synth/bns --bits 4 --keep-8bit none --out all4.pt
 """
 
-bits_type = click.IntRange(2, 8)
+bits_type = int  # validated below, so a bad value gets zkd's one-line error
 
 
 @click.command(help="Build a fake-quantized student (BN folded, per-channel weights, per-tensor activations), "
@@ -38,9 +38,9 @@ bits_type = click.IntRange(2, 8)
 @click.option("--eval-data", default=None, metavar="SOURCE", help="Also report top-1/top-5 on this source "
               "(e.g. fashion-mnist:test).")
 @click.option("--eval-images", type=click.IntRange(min=1), default=None, help="Cap on --eval-data images.")
-@click.option("--bits", type=bits_type, default=4, help="Weight and activation bits.")
-@click.option("--w-bits", type=bits_type, default=None, help="Weight bits (overrides --bits).")
-@click.option("--a-bits", type=bits_type, default=None, help="Activation bits (overrides --bits).")
+@click.option("--bits", type=bits_type, default=4, help="Weight and activation bits, 2..8.")
+@click.option("--w-bits", type=bits_type, default=None, help="Weight bits, 2..8 (overrides --bits).")
+@click.option("--a-bits", type=bits_type, default=None, help="Activation bits, 2..8 (overrides --bits).")
 @click.option("--w-asym", is_flag=True, help="Asymmetric per-channel weight grid [0, 2^b-1] + zero point "
               "(default: symmetric narrow [-(2^(b-1)-1), 2^(b-1)-1]).")
 @click.option("--keep-8bit", default="first,last", metavar="first,last|first|last|none",
@@ -68,6 +68,8 @@ bits_type = click.IntRange(2, 8)
 @click.option("--recon-drop", type=click.FloatRange(0, 1, min_open=True), default=0.5,
               help="QDrop probability of using the quantized value (1 = BRECQ, no dropping).")
 @click.option("--recon-lambda", type=click.FloatRange(min=0), default=0.01, help="AdaRound rounding-loss weight.")
+@click.option("--recon-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3,
+              help="Adam learning rate of the AdaRound rounding variables.")
 @click.option("--finetune-steps", type=click.IntRange(min=0), default=0,
               help="KD fine-tuning steps of weights and step sizes (0 = off).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-5,
@@ -76,6 +78,9 @@ bits_type = click.IntRange(2, 8)
               help="Fine-tuning learning rate of the step sizes [default: --lr].")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=4.0,
               help="KD temperature T of the fine-tuning loss T^2 * KL(p_t^T || p_s^T).")
+@click.option("--objective", "objectives", multiple=True, metavar="NAME[:k=v,...]",
+              help="Fine-tuning objective, repeatable, e.g. --objective kd:T=4 --objective rkd:weight=1 "
+              "[default: kd at --temperature]; see docs/objectives.md.")
 @click.option("--out", default="student.pt", type=click.Path(dir_okay=False), help="Student file to write.")
 @click.option("--report-dir", default=None, type=click.Path(file_okay=False),
               help="Folder for report.json and report.md [default: the folder of --out].")
@@ -89,7 +94,8 @@ def command(data: str, num_images: int, holdout: int, eval_data: str | None, eva
             w_bits: int | None, a_bits: int | None, w_asym: bool, keep_8bit: str, fold_bn: bool, w_method: str,
             a_method: str, lp_p: float, candidates: int, percentile: float, act_images: int | None,
             batch_size: int, recon: bool, recon_iters: int, recon_images: int | None, recon_drop: float,
-            recon_lambda: float, finetune_steps: int, lr: float, scale_lr: float | None, temperature: float,
+            recon_lambda: float, recon_lr: float, finetune_steps: int, lr: float, scale_lr: float | None,
+            temperature: float, objectives: tuple[str, ...],
             out: str, report_dir: str | None, device: str, precision: str, seed: int, quiet: bool, as_json: bool,
             **kw) -> None:  # noqa: ANN003
     from zeroshot_kd import load_teacher
@@ -101,25 +107,39 @@ def command(data: str, num_images: int, holdout: int, eval_data: str | None, eva
     from zeroshot_kd.quant.student import architecture_record, save_student
     from zeroshot_kd.runtime import resolve_device
 
+    for flag, value in (("--bits", bits), ("--w-bits", w_bits), ("--a-bits", a_bits)):
+        if value is not None and not 2 <= value <= 8:
+            raise ZkdError(f"{flag} {value} is outside 2..8; pick a bit width from 2 to 8")
     out_path = Path(out)
     if not out_path.parent.is_dir():
         raise ZkdError(f"folder of --out {out} does not exist; create it first")
     rdir = Path(report_dir) if report_dir else out_path.parent
     if not rdir.is_dir():
         raise ZkdError(f"--report-dir {rdir} does not exist; create it first")
+    if objectives:
+        from zeroshot_kd.objectives import build
+
+        build(list(objectives))  # bad names or parameters fail before any work
     config = QuantConfig(w_bits or bits, a_bits or bits, w_asym, keep_8bit, fold_bn)
     opts = CalibrationOptions(data=data, num_images=num_images, holdout=holdout, eval_data=eval_data,
                               eval_images=eval_images, batch_size=batch_size, w_method=w_method, a_method=a_method,
                               lp_p=lp_p, candidates=candidates, percentile=percentile, act_images=act_images,
                               recon=recon, recon_iters=recon_iters, recon_images=recon_images, recon_drop=recon_drop,
-                              recon_lambda=recon_lambda, finetune_steps=finetune_steps, lr=lr, scale_lr=scale_lr,
+                              recon_lambda=recon_lambda, recon_lr=recon_lr,
+                              finetune_steps=finetune_steps, lr=lr, scale_lr=scale_lr,
                               temperature=temperature, seed=seed, precision=precision, progress=not quiet)
     dev = resolve_device(device)
     teacher = load_teacher(device=dev, **teacher_kwargs(kw))
     echo(f"teacher: {teacher.source.get('kind')} {teacher.source.get('spec')}, input {teacher.spec.shape}; "
          f"device {dev}")
     echo(f"convention: {config.convention()}")
-    result = calibrate_student(teacher, config, opts, dev)
+    loss_fn = None
+    if objectives:
+        from zeroshot_kd.objectives import make_loss_fn
+
+        loss_fn = make_loss_fn(list(objectives), spec=teacher.spec, seed=seed, total_steps=finetune_steps,
+                               own_lr=1e-3)
+    result = calibrate_student(teacher, config, opts, dev, loss_fn=loss_fn)
     calibration = {k: v for k, v in result.report["settings"].items() if k not in ("device",)}
     save_student(out_path, result.student, config, result.layers, teacher, result.folded,
                  architecture_record(teacher), calibration)

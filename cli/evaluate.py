@@ -19,7 +19,8 @@ Examples:
                "The teacher options (--weights, --arch, ...) also apply to --model when it is a teacher spec.\n"
                + EXAMPLES, context_settings={"show_default": True, "max_content_width": 110})
 @click.option("--model", "model_spec", required=True, metavar="STUDENT.pt|SPEC",
-              help="Student file from 'zkd calibrate', or a teacher spec (file, module:function, torchvision, built-in).")
+              help="Student file from 'zkd calibrate', or a teacher spec (file, module:function, torchvision, "
+              "built-in).")
 @teacher_options
 @click.option("--data", required=True, metavar="SOURCE",
               help="DIR or shards:DIR, folder:DIR, fashion-mnist:train|test, gaussian:N.")

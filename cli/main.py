@@ -32,6 +32,7 @@ for _name in SUBCOMMANDS:
         if _e.name != f"cli.{_name}":
             raise
         continue
+    _module.command.context_settings.setdefault("max_content_width", 110)
     cli.add_command(_module.command, _name)
 
 

@@ -28,7 +28,10 @@ def _table(report: dict[str, Any]) -> str:
     rows = [[str(e["rank"]), e["name"], str(e["images"])] +
             [f"{e['scores'][k]:.4g}" for k in (h, "reverse", "symmetric", "l2")] for e in report["datasets"]]
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i in (1,) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def fmt(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     return "\n".join([fmt(head)] + [fmt(r) for r in rows])
 
 

@@ -11,6 +11,15 @@ from zeroshot_kd.models import cifar_resnet
 from zeroshot_kd.objectives import KDBatch, build, describe, get, make_loss_fn, names, parse_spec
 from zeroshot_kd.objectives.capture import FeatureCapture, resolve_layers
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 ALL = ["kd", "ce", "ls", "tfkd-reg", "tfkd-self", "cskd", "kdcl", "bss", "sp", "rkd", "fsp", "ofd", "ifm", "pkt"]
 
 

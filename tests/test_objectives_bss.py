@@ -12,6 +12,15 @@ from zeroshot_kd.objectives import KDBatch, get
 from zeroshot_kd.objectives.adversarial import bss_attack, bss_select, bss_targets
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_schedules_match_the_code():
     obj = get("bss")
     # alpha(n) = max(3 (1 - n/N), 0) + 1 ; beta(n) = max(2 (1 - 4n / 3N), 0)

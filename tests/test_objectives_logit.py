@@ -13,6 +13,15 @@ from zeroshot_kd.objectives import KDBatch, get
 from zeroshot_kd.objectives.collaborative import ensemble_linear, ensemble_minlogit, ensemble_naive
 from zeroshot_kd.objectives.logit import kd_loss, tfkd_reg_loss
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 B, K = 5, 4
 
 

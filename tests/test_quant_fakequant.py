@@ -74,7 +74,8 @@ def test_clipped_ste_and_lsq_scale_gradient():
         torch.testing.assert_close(x.grad, torch.where(inside, upstream, torch.zeros_like(upstream)))
         assert bool(((code == 0) | (code == 15)).any())  # the bounds are exercised
         # LSQ: d/ds = round(x/s) - x/s inside, q_min - z / q_max - z outside, times g = 1/sqrt(N * q_max)
-        local = torch.where(inside, torch.round(y) - y, torch.where(code < 0, torch.tensor(0 - z), torch.tensor(15 - z)))
+        clipped = torch.where(code < 0, torch.tensor(0 - z), torch.tensor(15 - z))
+        local = torch.where(inside, torch.round(y) - y, clipped)
         expected = (upstream * local).sum() / math.sqrt(200 * 15)
     assert fq.scale.grad.item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
 

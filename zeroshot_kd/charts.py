@@ -168,7 +168,8 @@ def _paste_rotated(img: Image.Image, xy: tuple[int, int], text: str, font: Any, 
     img.paste(Image.new("RGB", mask.size, fill), xy, mask)
 
 
-def _y_range(values: list[float], log_y: bool, y_min: float | None, y_max: float | None) -> tuple[list[float], float, float]:
+def _y_range(values: list[float], log_y: bool, y_min: float | None,
+             y_max: float | None) -> tuple[list[float], float, float]:
     if log_y:
         pos = [v for v in values if v > 0]
         lo = y_min if y_min is not None else (min(pos) if pos else 1.0)
@@ -263,7 +264,8 @@ def _frame(
     return img, draw, axes, colors
 
 
-def _marker(draw: ImageDraw.ImageDraw, x: float, y: float, shape: str, color: tuple[int, int, int], r: float = 3.5) -> None:
+def _marker(draw: ImageDraw.ImageDraw, x: float, y: float, shape: str, color: tuple[int, int, int],
+            r: float = 3.5) -> None:
     """A filled marker centred on (x, y)."""
     if shape == "square":
         draw.rectangle([x - r + 0.5, y - r + 0.5, x + r - 0.5, y + r - 0.5], fill=color)

@@ -89,6 +89,13 @@ def build_student(spec: str, teacher: Teacher, weights: str | None = None, arch:
                 raise ZkdError(f"--student {spec}: {e}") from None
             card = {"builder": "zeroshot_kd.models:cifar_resnet", "depth": depth, "width": width,
                     "in_channels": c, "num_classes": k}
+            if weights and weights.lower() != "none":
+                from .teachers import load_checkpoint_state
+
+                try:
+                    model.load_state_dict(load_checkpoint_state(weights))
+                except RuntimeError as e:
+                    raise ZkdError(f"--student-weights {weights} do not fit {spec}: {str(e).splitlines()[0]}") from None
         else:
             loaded = load_teacher(spec, weights=weights, arch=arch, num_classes=k)
             model = loaded.model
@@ -312,8 +319,8 @@ def distill(
                     s_logits = student(x)
                 s_feats, t_feats = runner.take_features()
                 if s_logits.shape != t_logits.shape:
-                    raise ZkdError(f"student outputs {tuple(s_logits.shape[1:])} but the teacher {tuple(t_logits.shape[1:])}"
-                                   "; build the student for the teacher's classes (--num-classes)")
+                    raise ZkdError(f"student outputs {tuple(s_logits.shape[1:])} but the teacher "
+                                   f"{tuple(t_logits.shape[1:])}; build the student for the teacher's classes")
                 if labels is not None:
                     with torch.no_grad(), runner.s_capture.paused(), autocast(device, cfg.precision):
                         pair_logits = student(xp).float()

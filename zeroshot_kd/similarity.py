@@ -248,7 +248,7 @@ def compute_signature(
     name: str,
     source: str = "",
     batch_size: int = 256,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     per_batch: bool = False,
     num_workers: int = 0,
     progress: bool | None = False,
@@ -261,7 +261,7 @@ def compute_signature(
         name: the dataset's name in reports.
         source: provenance string kept with the signature.
         batch_size: images per forward pass (the exact statistics do not depend on it).
-        device: where to run the teacher.
+        device: where the teacher's model is (default: the device of its first parameter or buffer).
         per_batch: average per-batch statistics (the BNS loss's view) instead of exact whole-dataset ones.
         num_workers: DataLoader worker processes.
         progress: show a tqdm bar on stderr (None: only on a terminal).
@@ -282,12 +282,16 @@ def compute_signature(
         raise ZkdError(f"data {name!r} ({source or 'dataset'}) is empty; pass a source with at least one image")
     if batch_size < 1:
         raise ZkdError(f"batch size must be at least 1, got {batch_size}")
-    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    if device is None:
+        first = next(iter(list(teacher.model.parameters()) + list(teacher.model.buffers())), None)
+        dev = first.device if first is not None else torch.device("cpu")
+    else:
+        dev = torch.device(device)
     acc_dev = dev if dev.type != "mps" else torch.device("cpu")
     model = teacher.model
     exact = {n: MomentAccumulator(bn.num_features, acc_dev) for n, bn in layers}
-    zeros = {n: torch.zeros(bn.num_features, dtype=torch.float64, device=acc_dev) for n, bn in layers}
-    full_sums = {n: [z.clone(), z.clone()] for n, z in zeros.items()}  # per-batch mean and var, summed
+    full_sums = {n: [torch.zeros(bn.num_features, dtype=torch.float64, device=acc_dev) for _ in range(2)]
+                 for n, bn in layers}  # per-batch means and variances, summed
     partial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     current: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -308,8 +312,9 @@ def compute_signature(
     model.eval()
     count = batches = full_batches = 0
     try:
-        with torch.no_grad(), tqdm(total=n_items, desc=name, unit="img", disable=(None if progress is None else not progress),
-                                   leave=False, dynamic_ncols=True) as bar:
+        disable = None if progress is None else not progress
+        with torch.no_grad(), tqdm(total=n_items, desc=name, unit="img", disable=disable, leave=False,
+                                   dynamic_ncols=True) as bar:
             for batch in loader:
                 x = batch[0] if isinstance(batch, (list, tuple)) else batch
                 if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != teacher.spec.shape:
@@ -358,7 +363,8 @@ def check_compatible(a: Signature, b: Signature) -> None:
     """Refuse to compare signatures taken in different teachers (or different BN layouts)."""
     if a.teacher_sha256 != b.teacher_sha256:
         raise ZkdError(f"signatures {a.name!r} and {b.name!r} come from different teachers (weights sha256 "
-                       f"{a.teacher_sha256[:12]}... vs {b.teacher_sha256[:12]}...); recompute both with the same --teacher")
+                       f"{a.teacher_sha256[:12]}... vs {b.teacher_sha256[:12]}...); recompute both with the same "
+                       "--teacher")
     if a.layers != b.layers or a.channels != b.channels:
         raise ZkdError(f"signatures {a.name!r} and {b.name!r} have different BatchNorm layers; recompute both with "
                        "the same --teacher")
@@ -395,7 +401,8 @@ def dataset_distance(a: Signature, b: Signature) -> float:
     for i in range(len(a.layers)):
         eps = a.eps[i]
         va, vb = a.var[i] + eps, b.var[i] + eps
-        total += 0.5 * (gaussian_kl(a.mean[i], va, b.mean[i], vb) + gaussian_kl(b.mean[i], vb, a.mean[i], va)).mean().item()
+        kl = gaussian_kl(a.mean[i], va, b.mean[i], vb) + gaussian_kl(b.mean[i], vb, a.mean[i], va)
+        total += 0.5 * kl.mean().item()
     return total / len(a.layers)
 
 
@@ -592,7 +599,8 @@ def similarity_report(teacher: Teacher, signatures: Sequence[Signature]) -> dict
     for s in signatures:
         if s.teacher_sha256 != ref.teacher_sha256:
             raise ZkdError(f"signature {s.name!r} ({s.source}) was computed with another teacher (weights sha256 "
-                           f"{s.teacher_sha256[:12]}... vs {ref.teacher_sha256[:12]}...); recompute it with this teacher")
+                           f"{s.teacher_sha256[:12]}... vs {ref.teacher_sha256[:12]}...); recompute it with this "
+                           "teacher")
         d = divergences(ref, s)
         entries.append({"name": s.name, "source": s.source, "mode": s.mode, "images": s.count,
                         "batch_size": s.batch_size, "scores": d["scores"], "per_layer": d["per_layer"]})
@@ -606,7 +614,8 @@ def similarity_report(teacher: Teacher, signatures: Sequence[Signature]) -> dict
         "divergences": DIVERGENCES,
         "layers": ref.layers,
         "datasets": entries,
-        "matrix": {"names": ["teacher (running)"] + names, "metric": "symmetric", "values": similarity_matrix(all_sigs)},
+        "matrix": {"names": ["teacher (running)"] + names, "metric": "symmetric",
+                   "values": similarity_matrix(all_sigs)},
     }
 
 

@@ -103,6 +103,7 @@ class LossFn:
         self.own_lr = own_lr
         self._own_opt: torch.optim.Optimizer | None = None
         self.runner: ObjectiveRunner | None = None
+        self.specs: list[str] = []          # the spec strings, for reports
         self.step = 0
         self.epoch = 0
 
@@ -219,6 +220,7 @@ def make_loss_fn(specs: list[str] | str, student: nn.Module | None = None, teach
         raise ZkdError(f"objective(s) {', '.join(loop_only)} need the zkd distill training loop (pair sampler or "
                        "peer networks); in calibrate use: " + ", ".join(_calibrate_names()))
     fn = LossFn(objectives, spec, seed, total_steps, own_lr)
+    fn.specs = [specs] if isinstance(specs, str) else [str(x) for x in specs]
     if student is not None:
         fn.bind(student, teacher, example_inputs)
     return fn

@@ -75,17 +75,19 @@ def find_conv_bn_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], str]:
 @torch.no_grad()
 def fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     """Fold ``bn`` into ``conv`` in place (``conv`` gains a bias if it had none)."""
-    w = conv.weight.detach().double()
-    mean, var = bn.running_mean.double(), bn.running_var.double()
-    gamma = bn.weight.detach().double() if bn.affine else torch.ones_like(mean)
-    beta = bn.bias.detach().double() if bn.affine else torch.zeros_like(mean)
-    b = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(mean)
+    f64 = lambda t: t.detach().cpu().double()  # noqa: E731  (on CPU: MPS has no float64)
+    w = f64(conv.weight)
+    mean, var = f64(bn.running_mean), f64(bn.running_var)
+    gamma = f64(bn.weight) if bn.affine else torch.ones_like(mean)
+    beta = f64(bn.bias) if bn.affine else torch.zeros_like(mean)
+    b = f64(conv.bias) if conv.bias is not None else torch.zeros_like(mean)
     factor = gamma / torch.sqrt(var + bn.eps)
     new_w = w * factor.view(-1, *([1] * (w.dim() - 1)))
     new_b = (b - mean) * factor + beta
     conv.weight.copy_(new_w.to(conv.weight.dtype))
     if conv.bias is None:
-        conv.bias = nn.Parameter(new_b.to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
+        conv.bias = nn.Parameter(new_b.to(conv.weight.device, conv.weight.dtype),
+                                 requires_grad=conv.weight.requires_grad)
     else:
         conv.bias.copy_(new_b.to(conv.bias.dtype))
 

@@ -77,9 +77,9 @@ class QuantConfig:
 
     def convention(self) -> str:
         """A one-line statement of the bit convention, printed in every report."""
-        parts = [f"W{self.w_bits}A{self.a_bits}",
-                 "weights per-channel " + (f"asymmetric [0,{2 ** self.w_bits - 1}]+zp" if self.w_asym else
-                                           f"symmetric narrow [{-(2 ** (self.w_bits - 1) - 1)},{2 ** (self.w_bits - 1) - 1}]"),
+        hi = 2 ** (self.w_bits - 1) - 1
+        grid = f"asymmetric [0,{2 ** self.w_bits - 1}]+zp" if self.w_asym else f"symmetric narrow [{-hi},{hi}]"
+        parts = [f"W{self.w_bits}A{self.a_bits}", "weights per-channel " + grid,
                  "activations per-tensor on layer inputs (unsigned if >= 0, else asymmetric+zp)"]
         if "first" in self.keep_8bit:
             parts.append("first layer W8, network input not quantized")

@@ -59,6 +59,7 @@ class CalibrationOptions:
     recon_images: int | None = None
     recon_drop: float = 0.5
     recon_lambda: float = 0.01
+    recon_lr: float = 1e-3
     finetune_steps: int = 0
     lr: float = 1e-5
     scale_lr: float | None = None
@@ -69,10 +70,12 @@ class CalibrationOptions:
 
     def __post_init__(self) -> None:
         checks = [(self.num_images >= 1, "--num-images must be >= 1"), (self.holdout >= 0, "--holdout must be >= 0"),
-                  (self.batch_size >= 1, "--batch-size must be >= 1"), (self.candidates >= 1, "--candidates must be >= 1"),
+                  (self.batch_size >= 1, "--batch-size must be >= 1"),
+                  (self.candidates >= 1, "--candidates must be >= 1"),
                   (0 < self.percentile <= 100, "--percentile must be in (0, 100]"),
                   (self.recon_iters >= 0, "--recon-iters must be >= 0"),
                   (0 < self.recon_drop <= 1, "--recon-drop must be in (0, 1]"),
+                  (self.recon_lr > 0, "--recon-lr must be > 0"),
                   (self.finetune_steps >= 0, "--finetune-steps must be >= 0"), (self.lr > 0, "--lr must be > 0"),
                   (self.temperature > 0, "--temperature must be > 0")]
         for ok, msg in checks:
@@ -180,7 +183,7 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
     if opts.recon and opts.recon_iters > 0:
         t = time.perf_counter()
         rcfg = ReconConfig(iters=opts.recon_iters, batch_size=opts.batch_size, drop_prob=opts.recon_drop,
-                           reg=opts.recon_lambda)
+                           reg=opts.recon_lambda, lr_round=opts.recon_lr)
         recon_hist = reconstruct(student, fp_model, _batches(cal_x[: opts.recon_images or n_cal], 128), device,
                                  rcfg, seed=opts.seed, progress=opts.progress)
         timing["reconstruction"] = time.perf_counter() - t
@@ -195,8 +198,14 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
                 idx = perm[i:i + opts.batch_size]
                 yield cal_x[idx], cal_y[idx]
 
-        ft_hist = finetune(student, teacher.model, loader, opts.finetune_steps, opts.lr, opts.scale_lr, device,
-                           opts.precision, loss_fn, opts.temperature, opts.progress)
+        if hasattr(loss_fn, "bind"):  # objectives with hooks / connectors (zeroshot_kd.objectives.make_loss_fn)
+            loss_fn.bind(student, teacher.model, cal_x[:2].to(device))
+        try:
+            ft_hist = finetune(student, teacher.model, loader, opts.finetune_steps, opts.lr, opts.scale_lr, device,
+                               opts.precision, loss_fn, opts.temperature, opts.progress)
+        finally:
+            if hasattr(loss_fn, "close"):
+                loss_fn.close()
         timing["finetune"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -220,7 +229,8 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
     settings = {k: v for k, v in asdict(opts).items() if k != "progress"}
     settings.update(calibration_images=n_cal, heldout_images=int(hold_x.shape[0]) if separate else 0,
                     device=str(device), torch=torch.__version__, teacher_sha256=teacher.weights_sha256,
-                    finetune_loss=("custom" if loss_fn is not None else f"T^2 KL, T={opts.temperature}"),
+                    finetune_loss=(" + ".join(getattr(loss_fn, "specs", [])) or "custom" if loss_fn is not None
+                                   else f"T^2 KL, T={opts.temperature}"),
                     bn_folded=len(folded))
     report = {
         "config": {**config.to_dict(), "convention": config.convention()},

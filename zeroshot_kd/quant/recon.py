@@ -180,7 +180,8 @@ def reconstruct(student: nn.Module, fp_model: nn.Module, inputs: Sequence[torch.
         s_params = [layer.aq.scale for layer in layers if layer.aq is not None]
         opt_v = torch.optim.Adam(v_params, lr=cfg.lr_round)
         opt_s = torch.optim.Adam(s_params, lr=cfg.lr_scale) if s_params else None
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=max(cfg.iters, 1), eta_min=0.0) if opt_s else None
+        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=max(cfg.iters, 1), eta_min=0.0)
+                 if opt_s else None)
         warm = int(cfg.warmup * cfg.iters)
         for t in range(cfg.iters):
             idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)

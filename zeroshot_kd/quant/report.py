@@ -158,8 +158,8 @@ def render_markdown(report: dict[str, Any]) -> str:
              "## Configuration", "", "| key | value |", "|---|---|"]
     for k, v in report["settings"].items():
         lines.append(f"| {k} | {_fmt(v) if not isinstance(v, (dict, list)) else v} |")
-    lines += ["", f"## Teacher vs student on {g['images']} {'held-out' if report['heldout_is_separate'] else 'calibration (no held-out images left)'} "
-              f"images of `{report['settings']['data']}`", "",
+    which = "held-out" if report["heldout_is_separate"] else "calibration (no held-out images left)"
+    lines += ["", f"## Teacher vs student on {g['images']} {which} images of `{report['settings']['data']}`", "",
               "| quantized | top-1 agreement % | KL(t‖s) | logit SQNR dB |", "|---|---|---|---|"]
     for label, d in (("weights + activations", g), ("weights only", g["weights_only"]),
                      ("activations only", g["activations_only"])):
@@ -185,7 +185,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{_fmt(wclip)} | {_fmt(r['a_bits'])} | {agrid} | {_fmt(r['a_scale'], 4)} | "
                      f"{_fmt(r['a_zero_point'])} | {_fmt(r['a_sqnr_db'])} | {_fmt(aclip)} | {_fmt(r['out_sqnr_db'])} |")
     if report.get("recon"):
-        lines += ["", "## Block reconstruction", "", "| block | layers | loss before | loss after |", "|---|---|---|---|"]
+        lines += ["", "## Block reconstruction", "", "| block | layers | loss before | loss after |",
+                  "|---|---|---|---|"]
         for r in report["recon"]:
             lines.append(f"| {r['block']} | {r['layers']} | {_fmt(r['loss_before'], 5)} | {_fmt(r['loss_after'], 5)} |")
     if report.get("finetune"):

@@ -152,7 +152,8 @@ def read_student_file(path: str | os.PathLike) -> dict[str, Any] | None:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ZkdError(f"cannot read {path} ({type(e).__name__}); it is not a zkd student or torch checkpoint") from None
+        raise ZkdError(f"cannot read {path} ({type(e).__name__}); it is not a zkd student or torch "
+                       "checkpoint") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         return None
     if obj.get("format_version") != FORMAT_VERSION:
