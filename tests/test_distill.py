@@ -13,13 +13,7 @@ from zeroshot_kd.distill import build_student, pair_batches
 from zeroshot_kd.errors import ZkdError
 from zeroshot_kd.teachers import builtin_teachers
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SHIPPED = "fmnist_resnet14" in builtin_teachers()

@@ -12,13 +12,7 @@ from zeroshot_kd.objectives import KDBatch, build, describe, get, make_loss_fn, 
 from zeroshot_kd.objectives.capture import FeatureCapture, resolve_layers
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ALL = ["kd", "ce", "ls", "tfkd-reg", "tfkd-self", "cskd", "kdcl", "bss", "sp", "rkd", "fsp", "ofd", "ifm", "pkt"]
 

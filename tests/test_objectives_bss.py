@@ -12,13 +12,7 @@ from zeroshot_kd.objectives import KDBatch, get
 from zeroshot_kd.objectives.adversarial import bss_attack, bss_select, bss_targets
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_schedules_match_the_code():

@@ -13,13 +13,7 @@ from zeroshot_kd.objectives.feature import fsp_loss, ofd_loss, ofd_margin
 from zeroshot_kd.objectives.relation import ifm_layer_loss, pkt_loss, rkd_angle, rkd_distance, sp_loss
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rand(*shape, seed=0):

@@ -14,13 +14,7 @@ from zeroshot_kd.objectives.collaborative import ensemble_linear, ensemble_minlo
 from zeroshot_kd.objectives.logit import kd_loss, tfkd_reg_loss
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 B, K = 5, 4
 
