@@ -104,15 +104,12 @@ class BNStatsHook:
             x = inputs[0].float()
             dims = _channel_dims(x)
             running_mean = bn.running_mean.float()
-            # Shifted sums: E[d] and E[d^2] with d = x - running_mean. Two plain reductions are several times
-            # faster than var_mean's Welford kernel on CPU (forward and backward), and the shift by the running
-            # mean keeps E[d^2] - E[d]^2 free of cancellation whenever the data is anywhere near the BN statistics.
-            shape = [1, -1] + [1] * (x.dim() - 2)
-            d = x - running_mean.view(shape)
+            # Plain sums of x and x^2: one elementwise pass plus two reductions, several times faster than
+            # var_mean's Welford kernel on CPU (forward and backward). E[x^2] - E[x]^2 loses precision only when
+            # |mean| >> std, which BN inputs of a trained network do not show (tested against float64).
             n = x.numel() // x.shape[1]
-            m1 = d.sum(dim=dims) / n
-            var = ((d * d).sum(dim=dims) / n - m1 * m1).clamp_min(0)
-            mean = m1 + running_mean
+            mean = x.sum(dim=dims) / n
+            var = ((x * x).sum(dim=dims) / n - mean * mean).clamp_min(0)
             sample_mean = x.mean(dim=dims[1:]) if (self.per_sample and x.dim() > 2) else None
             self.stats.append(BNStat(name, mean, var, running_mean, bn.running_var.float(), float(bn.eps),
                                      sample_mean))
