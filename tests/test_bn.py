@@ -129,3 +129,16 @@ def test_bn_loss_gradient_reaches_input(small_net):
 def test_teacher_without_bn_is_refused():
     with pytest.raises(ZkdError, match="BatchNorm"):
         require_bn(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), "--method bns")
+
+
+def test_channel_moments_backward_matches_autograd():
+    from zeroshot_kd.bn import _ChannelMoments
+
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: _ChannelMoments.apply(t), (x,))
+    g1, g2 = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    s1, s2 = _ChannelMoments.apply(x)
+    (grad,) = torch.autograd.grad((s1 * g1).sum() + (s2 * g2).sum(), x)
+    y = x.detach().clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad((y.sum((0, 2, 3)) * g1).sum() + ((y * y).sum((0, 2, 3)) * g2).sum(), y)
+    torch.testing.assert_close(grad, ref)
