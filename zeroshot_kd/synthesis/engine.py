@@ -235,9 +235,10 @@ def _finish(teacher: nn.Module, spec: InputSpec, x: torch.Tensor, labels: torch.
     stored = x.detach().to(torch.float16).float()
     with BNStatsHook(teacher) as hook, autocast(device, cfg.precision):
         logits = teacher(stored).float()
+    predicted = logits.argmax(1).cpu()
     if relabel:
-        labels = logits.argmax(1).cpu()
-    acc = float((logits.argmax(1).cpu() == labels).float().mean())
+        labels = predicted
+    acc = float((predicted == labels.cpu()).float().mean())
     kl = float(bns_kl_loss(hook.stats)) if hook.stats else float("nan")
     return BatchResult(x.detach().float().cpu(), labels.cpu(), terms, best_score, acc, kl)
 
