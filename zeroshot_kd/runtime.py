@@ -47,6 +47,24 @@ def autocast(device: torch.device, precision: str) -> ContextManager:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@contextlib.contextmanager
+def deterministic_kernels(device: torch.device):
+    """Ask cuDNN for deterministic algorithms (and no autotuning) for the duration, then restore its flags.
+
+    Some of cuDNN's convolution backward algorithms accumulate with atomics, so two identical runs could write
+    different bytes; the synthesis contract is the same bytes for the same command. A no-op off CUDA.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
+
+
 def batch_seed(seed: int, index: int, salt: str = "") -> int:
     """A 63-bit seed that depends only on (seed, work-item index, salt), never on the process or rank."""
     digest = hashlib.sha256(f"zkd:{salt}:{seed}:{index}".encode()).digest()

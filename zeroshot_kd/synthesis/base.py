@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..bn import BNStat
+from ..bn import BNStats
 
 __all__ = ["COMMON_DEFAULTS", "Method"]
 
@@ -59,7 +59,7 @@ class Method:
     name: str
     summary: str
     defaults: dict[str, Any] = field(default_factory=dict)
-    bn_loss: Callable[[list[BNStat], float], torch.Tensor] | None = None
+    bn_loss: Callable[[BNStats, float], torch.Tensor] | None = None
     optimize: bool = True
     needs_student: bool = False
 

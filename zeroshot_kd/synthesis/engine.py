@@ -26,7 +26,8 @@ from .. import __version__
 from ..bn import BNStatsHook, bns_kl_loss, require_bn
 from ..errors import ZkdError
 from ..io import atomic_write_json
-from ..runtime import autocast, barrier, batch_generator, dist_env, init_process_group, resolve_device
+from ..runtime import (autocast, barrier, batch_generator, deterministic_kernels, dist_env, init_process_group,
+                       resolve_device)
 from ..shards import FORMAT, FORMAT_VERSION, MANIFEST, shard_name, write_shard
 from ..spec import InputSpec
 from ..teachers import Teacher, load_teacher
@@ -172,7 +173,7 @@ def optimize_batch(
     terms: dict[str, float] = {}
     best = BestTracker(x)
     # Hooks only where a BN term is optimized: they cost a pass over every BN input, forward and backward.
-    with BNStatsHook(teacher if use_bn else nn.Identity()) as hook:
+    with BNStatsHook(teacher if use_bn else nn.Identity()) as hook, deterministic_kernels(device):
         for iters, pool in stages:
             opt = torch.optim.Adam([x], lr=hp["lr"], betas=tuple(hp["betas"]), eps=1e-8)
             warmup = min(int(hp["warmup"]), iters // 4)
@@ -216,8 +217,9 @@ def optimize_batch(
                 if hp["clip"]:
                     with torch.no_grad():
                         x.copy_(spec.clamp(x))
-                terms = {k: float(v.detach()) for k, (v, _) in parts.items()}
-                terms["total"] = float(loss.detach())
+                # One device-to-host transfer for all terms (a sync per term would stall a GPU queue each time).
+                values = torch.stack([v.detach() for v, _ in parts.values()] + [loss.detach()]).tolist()
+                terms = dict(zip([*parts, "total"], values))
                 if on_iteration is not None:
                     on_iteration(it, terms)
     # Without a CE term the targets never shaped the images: label them by the teacher instead.
