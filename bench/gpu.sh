@@ -22,5 +22,6 @@ step $PY -m zeroshot_kd evaluate --model "$demo/student.pt" --data fashion-mnist
 step $PY bench/bench_synthesis.py --device cuda --precision fp32,bf16 --rounds 2 --name synthesis-cuda-fmnist
 step $PY bench/bench_synthesis.py --device cuda --teacher resnet50 --weights none --precision fp32,bf16 --rounds 2 \
   --no-memory --name synthesis-cuda-resnet50
+step $PY bench/profile_synthesis.py --device cuda --teacher resnet50 --weights none --method deepinversion --rows 30
 cp bench/results/synthesis-cuda-*.md "$OUT_DIR"/ 2>/dev/null
 exit $status

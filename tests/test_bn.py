@@ -75,8 +75,11 @@ def test_fused_eval_batchnorm_gradcheck():
     x = torch.randn(3, 4, 3, 3, dtype=torch.float64, requires_grad=True)
     rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
     w, b = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda t: _EvalBatchNormWithMoments.apply(t, rm, rv, w, b, 1e-5), (x,))
-    assert torch.autograd.gradcheck(lambda t: _EvalBatchNormWithMoments.apply(t, rm, rv, None, None, 1e-5), (x,))
+    scale = w / (rv + 1e-5).sqrt()
+    assert torch.autograd.gradcheck(lambda t: _EvalBatchNormWithMoments.apply(t, rm, rv, w, b, 1e-5, scale), (x,))
+    unit = 1 / (rv + 1e-5).sqrt()
+    assert torch.autograd.gradcheck(lambda t: _EvalBatchNormWithMoments.apply(t, rm, rv, None, None, 1e-5, unit),
+                                    (x,))
 
 
 def test_trainable_or_training_bn_keeps_its_own_forward(small_net):
@@ -208,14 +211,21 @@ def test_teacher_without_bn_is_refused():
         require_bn(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), "--method bns")
 
 
-def test_channel_moments_backward_matches_autograd():
+@pytest.mark.parametrize("contiguous", [True, False], ids=["sums", "var_mean"])
+def test_channel_moments_match_autograd_on_the_textbook_formulas(contiguous):
     from zeroshot_kd.bn import _ChannelMoments
 
-    x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64) * 2 + 0.5
+    if not contiguous:  # channels_last memory takes the var_mean path
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda t: _ChannelMoments.apply(t), (x,))
     g1, g2 = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
-    s1, s2 = _ChannelMoments.apply(x)
-    (grad,) = torch.autograd.grad((s1 * g1).sum() + (s2 * g2).sum(), x)
+    mean, var = _ChannelMoments.apply(x)
+    (grad,) = torch.autograd.grad((mean * g1).sum() + (var * g2).sum(), x)
     y = x.detach().clone().requires_grad_(True)
-    (ref,) = torch.autograd.grad((y.sum((0, 2, 3)) * g1).sum() + ((y * y).sum((0, 2, 3)) * g2).sum(), y)
+    ref_mean, ref_var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean, ref_mean)
+    torch.testing.assert_close(var, ref_var)
+    (ref,) = torch.autograd.grad((ref_mean * g1).sum() + (ref_var * g2).sum(), y)
     torch.testing.assert_close(grad, ref)

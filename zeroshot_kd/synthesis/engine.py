@@ -33,7 +33,7 @@ from ..spec import InputSpec
 from ..teachers import Teacher, load_teacher
 from .adi import competition_loss
 from .base import Method
-from .priors import image_priors, jitter_flip
+from .priors import PRIORS, image_priors, jitter_flip
 
 __all__ = ["BatchResult", "BestTracker", "SynthesisConfig", "make_targets", "optimize_batch", "run_synthesis"]
 
@@ -166,6 +166,7 @@ def optimize_batch(
     weights = {"ce": hp["ce_weight"], "bn": hp["bn_weight"], "tv_l1": hp["tv_l1"], "tv_l2": hp["tv_l2"],
                "l2": hp["l2"], "adi": hp["adi_scale"]}
     use_bn = method.bn_loss is not None and weights["bn"] != 0
+    priors = [k for k in PRIORS if weights[k]]
     scaler = torch.amp.GradScaler("cuda") if (cfg.precision == "fp16" and device.type == "cuda") else None
     stages = [(hp["multires_iterations"], 2), (hp["iterations"], 1)] if hp["multires_iterations"] else [
         (hp["iterations"], 1)]
@@ -192,10 +193,8 @@ def optimize_batch(
                     parts["ce"] = (ce_i.mean(), ce_i.detach())
                 if use_bn:
                     parts["bn"] = (method.bn_loss(hook.stats, hp["first_bn_multiplier"]), None)
-                if weights["tv_l1"] or weights["tv_l2"] or weights["l2"]:
-                    for k, v in image_priors(xin).items():
-                        if weights[k]:
-                            parts[k] = v
+                if priors:
+                    parts.update(image_priors(xin, priors))
                 if weights["adi"] and student is not None:
                     with autocast(device, cfg.precision):
                         s_logits = student(xin).float()

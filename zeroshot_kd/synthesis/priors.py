@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
-__all__ = ["image_priors", "jitter_flip"]
+__all__ = ["PRIORS", "image_priors", "jitter_flip"]
 
 
 def _diffs(x: torch.Tensor) -> list[torch.Tensor]:
@@ -17,31 +19,36 @@ def _diffs(x: torch.Tensor) -> list[torch.Tensor]:
     ]
 
 
-def image_priors(x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """TV-L1, TV-L2 and L2 priors of a batch, each as (batch value, per-sample values).
+PRIORS = ("tv_l1", "tv_l2", "l2")
+
+
+def image_priors(x: torch.Tensor, which: Sequence[str] = PRIORS) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """TV-L1, TV-L2 and L2 priors of a batch (those named in ``which``), each as (batch value, per-sample values).
 
     Batch values follow NVlabs/DeepInversion ``get_image_prior_losses``:
 
     * ``tv_l2 = sum_k ||d_k||_2`` -- Frobenius norm of each difference map over the whole batch (not squared);
-      per sample: ``sum_k ||d_k[i]||_2``.
+      per sample: ``sum_k ||d_k[i]||_2``. The batch norm is taken as the norm of the per-sample norms (the same
+      number), so each map is reduced once.
     * ``tv_l1 = sum_k mean|d_k|``; per sample: ``sum_k mean|d_k[i]|`` (their batch mean is the batch value).
     * ``l2 = mean_i ||x_i||_2``; per sample: ``||x_i||_2``.
+
+    ``vector_norm`` throughout: its gradient is 0, not NaN, where a difference map is all zero.
     """
     x = x.float()
-    n = x.shape[0]
-    tv_l2 = x.new_zeros(())
-    tv_l1 = x.new_zeros(())
-    tv_l2_i = x.new_zeros(n)
-    tv_l1_i = x.new_zeros(n)
-    for d in _diffs(x):
-        sq = d.pow(2).flatten(1).sum(1)
-        tv_l2 = tv_l2 + sq.sum().sqrt()
-        tv_l2_i = tv_l2_i + sq.detach().sqrt()
-        ab = d.abs().flatten(1).mean(1)
-        tv_l1 = tv_l1 + ab.mean()
-        tv_l1_i = tv_l1_i + ab.detach()
-    l2_i = x.flatten(1).norm(dim=1)
-    return {"tv_l1": (tv_l1, tv_l1_i), "tv_l2": (tv_l2, tv_l2_i), "l2": (l2_i.mean(), l2_i.detach())}
+    dims = tuple(range(1, x.dim()))
+    out = {}
+    diffs = _diffs(x) if {"tv_l1", "tv_l2"} & set(which) else []
+    if "tv_l2" in which:
+        per = torch.stack([torch.linalg.vector_norm(d, dim=dims) for d in diffs])  # (4, N)
+        out["tv_l2"] = (torch.linalg.vector_norm(per, dim=1).sum(), per.detach().sum(0))
+    if "tv_l1" in which:
+        per = torch.stack([d.abs().mean(dim=dims) for d in diffs])
+        out["tv_l1"] = (per.mean(1).sum(), per.detach().sum(0))
+    if "l2" in which:
+        per = torch.linalg.vector_norm(x, dim=dims)
+        out["l2"] = (per.mean(), per.detach())
+    return out
 
 
 def jitter_flip(x: torch.Tensor, jitter: int, flip: bool, g: torch.Generator) -> torch.Tensor:
