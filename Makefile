@@ -6,7 +6,7 @@ ZKD    := $(VENV)/bin/zkd
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 OUT    ?= runs/demo
 
-.PHONY: venv dataset test demo bench clean teacher
+.PHONY: venv dataset test demo bench bench-gpu clean teacher
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,16 +25,19 @@ dataset:
 test: venv dataset
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q
 
-# The main job on the shipped teacher: synthesize, then (when available) calibrate a W4A4 student and evaluate it.
+# The main job on the shipped teacher: synthesize, calibrate a W4A4 student on the images, evaluate it on real data.
 demo: venv dataset
 	$(ZKD) synthesize --method deepinversion --num-images 64 --batch-size 32 --iterations 200 --out $(OUT)/synth --overwrite
-	@if $(ZKD) calibrate --help >/dev/null 2>&1; then \
-	  $(ZKD) calibrate --data $(OUT)/synth --bits 4 --out $(OUT)/student.pt && \
-	  $(ZKD) evaluate --model $(OUT)/student.pt --data fashion-mnist:test --teacher fmnist_resnet14; fi
+	$(ZKD) calibrate --data $(OUT)/synth --bits 4 --out $(OUT)/student.pt
+	$(ZKD) evaluate --model $(OUT)/student.pt --data fashion-mnist:test --teacher fmnist_resnet14
 	@echo "preview: $(OUT)/synth/preview.png"
 
 bench: venv dataset
 	$(PY) bench/run_all.py
+
+# On a machine with a CUDA GPU: the CUDA tests, the demo on the GPU and the GPU synthesis benchmarks.
+bench-gpu: venv dataset
+	PY=$(PY) bash bench/gpu.sh
 
 teacher: venv dataset
 	OMP_NUM_THREADS=1 $(PY) assets/train_teacher.py --out assets/fmnist_resnet14

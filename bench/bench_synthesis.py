@@ -1,9 +1,13 @@
 """Synthesis speed and memory: ms per optimization iteration against the teacher's bare forward+backward.
 
-The floor is the same teacher, same batch, same device: ``logits = teacher(x); logits.sum().backward()`` with
-``x.requires_grad``. Each method's iteration (augmentation, BN hooks, losses, Adam step, best-per-sample tracking)
-is timed inside ``optimize_batch``. Peak memory is measured in a fresh process for 256 and 4096 images: images
-stream to disk batch by batch, so it must not grow with the image count.
+The floor is the same teacher, same batch shape, same device and autocast: ``teacher(x).sum().backward()`` with
+``x.requires_grad``. Each method's iteration (augmentation, BN statistics, losses, Adam step, best-per-sample
+tracking) is timed inside ``optimize_batch``, interleaved with blocks of floor passes (see :func:`paired_ms`).
+Peak memory is measured in a fresh process for 256 and 4096 images: images stream to disk batch by batch, so it
+must not grow with the image count.
+
+Usage: ``python bench/bench_synthesis.py`` (CPU, shipped teacher, 1 thread); on a GPU see ``bench/gpu.sh``, e.g.
+``--device cuda --teacher resnet50 --weights none --precision fp32,bf16``.
 """
 
 from __future__ import annotations
@@ -151,9 +155,9 @@ def main() -> None:
             ratio = statistics.median(t / f for f, t in runs[m])
             spread = f"{min(t / f for f, t in runs[m]):.2f}-{max(t / f for f, t in runs[m]):.2f}"
             rows.append([m, precision, f"{floor:.1f}", f"{ms:.1f}", f"{ratio:.2f}", spread])
-    # paired_ms's floor runs inside optimize_batch, under its deterministic-cuDNN setting; the default choice:
-    x = torch.randn(BATCH, *teacher.spec.shape, device=device, requires_grad=True)
-    default_floor = 1000 * statistics.median([floor_step(teacher.model, x) for _ in range(args.iterations)][WARM:])
+    if device.type == "cuda":  # paired_ms's floor runs under optimize_batch's deterministic cuDNN; the default:
+        x = torch.randn(BATCH, *teacher.spec.shape, device=device, requires_grad=True)
+        default_floor = 1000 * statistics.median([floor_step(teacher.model, x) for _ in range(args.iterations)][WARM:])
     shape = "x".join(str(d) for d in teacher.spec.shape)
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
@@ -162,9 +166,10 @@ def main() -> None:
         f"{shape}, {device} ({where}), torch {torch.__version__}\n\n"
         f"Floor: the teacher's bare forward+backward on a batch of the same shape, timed in blocks of {BLOCK} "
         f"between blocks of {BLOCK} method iterations ({args.iterations} iterations, {args.rounds} rounds; medians; "
-        f"the first step of each block left out on both sides). Both run under the deterministic cuDNN setting "
-        f"synthesis uses (a no-op on CPU); with the default algorithm choice the fp32 floor is {default_floor:.1f} ms."
-        "\n\n"
+        f"the first step of each block left out on both sides)."
+        + (f" Both run under the deterministic cuDNN setting synthesis uses; with cuDNN's default algorithm choice "
+           f"the fp32 floor is {default_floor:.1f} ms." if device.type == "cuda" else "")
+        + "\n\n"
         + markdown_table(["method", "precision", "floor ms", "ms / iteration", "ratio to floor", "ratio range"],
                          rows)
         + f"\nadi also runs its student ({type(student).__name__}, random weights) forward and backward every "

@@ -36,9 +36,10 @@ def shards(method: str) -> Path:
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    """:func:`zeroshot_kd.charts.markdown_table` plus the newline that ends the block in a result file."""
+    from zeroshot_kd.charts import markdown_table as table
+
+    return table(header, rows) + "\n"
 
 
 def write_result(name: str, text: str) -> Path:
