@@ -1,9 +1,11 @@
-"""Train the shipped default teacher: a CIFAR-style ResNet on real Fashion-MNIST (1x28x28).
+"""Train the shipped teachers on real Fashion-MNIST (1x28x28): the default CIFAR-style ResNet, and a small
+MobileNetV2 (depthwise convolutions) for the quantization benchmark.
 
 Writes ``<out>.pt`` (a bare float32 state_dict) and ``<out>.json`` (the card: architecture, input spec,
 test accuracy, recipe, sha256). Reproduce the shipped files with::
 
     OMP_NUM_THREADS=1 python assets/train_teacher.py --out assets/fmnist_resnet14
+    OMP_NUM_THREADS=2 python assets/train_teacher.py --arch mobilenet_v2_small --out assets/fmnist_mobilenetv2
 
 Recipe: SGD (momentum 0.9, Nesterov), weight decay 5e-4, one-cycle LR (peak 0.1), batch 128, random crop
 (pad 2) + horizontal flip, plain cross-entropy (no label smoothing, so the BN statistics describe clean
@@ -16,13 +18,14 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
 from zeroshot_kd.data import FASHION_MNIST_CLASSES, FASHION_MNIST_SPEC, load_fashion_mnist
-from zeroshot_kd.models import cifar_resnet
+from zeroshot_kd.models import cifar_resnet, mobilenet_v2_small
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -50,6 +53,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int =
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="assets/fmnist_resnet14")
+    p.add_argument("--arch", default="cifar_resnet", choices=["cifar_resnet", "mobilenet_v2_small"])
+    p.add_argument("--width-mult", type=float, default=0.5, help="mobilenet_v2_small only")
     p.add_argument("--depth", type=int, default=14)
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--epochs", type=int, default=10)
@@ -64,7 +69,12 @@ def main() -> None:
     xte, yte = load_fashion_mnist("test")
     xtr = xtr.float().div(255).unsqueeze(1)
     xte = spec.normalize(xte.float().div(255).unsqueeze(1))
-    model = cifar_resnet(args.depth, args.width, spec.channels, spec.num_classes)
+    if args.arch == "cifar_resnet":
+        arch = {"builder": "zeroshot_kd.models:cifar_resnet", "depth": args.depth, "width": args.width}
+        model = cifar_resnet(args.depth, args.width, spec.channels, spec.num_classes)
+    else:
+        arch = {"builder": "zeroshot_kd.models:mobilenet_v2_small", "width_mult": args.width_mult}
+        model = mobilenet_v2_small(args.width_mult, spec.channels, spec.num_classes)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     steps = args.epochs * (len(xtr) // args.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.2)
@@ -94,8 +104,7 @@ def main() -> None:
     sha = hashlib.sha256(open(args.out + ".pt", "rb").read()).hexdigest()
     card = {
         "name": os.path.basename(args.out),
-        "architecture": {"builder": "zeroshot_kd.models:cifar_resnet", "depth": args.depth, "width": args.width,
-                         "in_channels": spec.channels, "num_classes": spec.num_classes},
+        "architecture": {**arch, "in_channels": spec.channels, "num_classes": spec.num_classes},
         "input_spec": spec.to_dict(),
         "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist IDX files)",
         "test_accuracy": round(acc, 2),
@@ -106,6 +115,7 @@ def main() -> None:
                    "augmentation": "random crop (pad 2) + horizontal flip", "loss": "cross-entropy",
                    "seed": args.seed, "script": "assets/train_teacher.py", "torch": torch.__version__,
                    "threads": torch.get_num_threads(),
+                   "command": f"OMP_NUM_THREADS={torch.get_num_threads()} python {' '.join(sys.argv)}",
                    "train_seconds": round(time.time() - t0)},
         "sha256": sha,
     }

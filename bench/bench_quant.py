@@ -1,4 +1,4 @@
-"""Low-bit students of the shipped Fashion-MNIST teacher: accuracy by calibration data, bits and method.
+"""Low-bit students of a Fashion-MNIST teacher (default: the shipped ResNet-14) by calibration data, bits, method.
 
 For each calibration source -- 1024 real training images, ``gaussian:1024``, and 1024 synthetic images of each
 synthesis method (``inception``, ``bns``, ``deepinversion``; the shared shard cache of ``bench/common.py``) -- this
@@ -17,6 +17,7 @@ Usage::
     python bench/bench_quant.py                       # everything (~1 h on 2 CPU cores, plus shard synthesis)
     python bench/bench_quant.py --sources real,gaussian --no-extras
     python bench/bench_quant.py --quick               # 128 calibration / 1000 test images, 50 recon steps
+    python bench/bench_quant.py --teacher fmnist_mobilenetv2 --name quant-mobilenetv2   # the depthwise teacher
 """
 
 from __future__ import annotations
@@ -48,14 +49,15 @@ SOURCES = ["real", "gaussian", "inception", "bns", "deepinversion"]
 SYNTHETIC = ["inception", "bns", "deepinversion"]
 
 
-def source_string(name: str, n: int) -> str:
-    """The ``--data`` string of a source; synthetic sets come from the shard cache (``METHOD-N``, else made)."""
+def source_string(name: str, n: int, teacher: str | None = None) -> str:
+    """The ``--data`` string of a source; synthetic sets come from the shard cache (``[TEACHER-]METHOD-N``, else
+    made)."""
     if name == "real":
         return "fashion-mnist:train"
     if name == "gaussian":
         return f"gaussian:{n}"
-    cached = CACHE / f"{name}-{n}"
-    return f"shards:{cached if (cached / 'manifest.json').is_file() else shards(name)}"
+    cached = CACHE / (f"{name}-{n}" if teacher is None else f"{teacher}-{name}-{n}")
+    return f"shards:{cached if (cached / 'manifest.json').is_file() else shards(name, teacher)}"
 
 
 def parse_sources(text: str, default_n: int) -> list[tuple[str, int]]:
@@ -77,7 +79,7 @@ def run_one(teacher: Any, name: str, n: int, w: int, a: int, recon: bool, keep: 
     cache = CACHE / "quant" / f"{key}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    src = source_string(name, n)
+    src = source_string(name, n, args.teacher)
     t0 = time.perf_counter()
     res = calibrate_student(teacher, QuantConfig(w, a, keep_8bit=keep),
                             CalibrationOptions(data=src, num_images=n, holdout=0, recon=recon,
@@ -105,11 +107,13 @@ def main() -> None:
     ap.add_argument("--extras-ptq-only", action="store_true", help="W3A3 / all-layers table without recon columns")
     ap.add_argument("--quick", action="store_true", help="small smoke run (numbers not meaningful)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--teacher", default=None, help="a built-in teacher (default: the shipped fmnist_resnet14)")
+    ap.add_argument("--name", default="quant", help="result files bench/results/NAME.md and NAME.json")
     args = ap.parse_args()
     if args.quick:
         args.num_images, args.eval_images, args.recon_iters = 128, 1000, 50
     device = resolve_device(args.device)
-    teacher = load_teacher(device=device)
+    teacher = load_teacher(args.teacher, device=device)
     test_ds = make_dataset("fashion-mnist:test", teacher.spec, num_images=args.eval_images)
     fp = evaluate_model(teacher.model, test_ds, device, progress=False)["top1"]
     sources = parse_sources(args.sources, args.num_images)
@@ -136,7 +140,8 @@ def main() -> None:
     def cell(r: dict) -> str:
         return f"{r['top1']:.2f}"
 
-    lines = [f"# Quantized students of the shipped teacher (Fashion-MNIST, {len(test_ds)} real test images)", "",
+    lines = [f"# Quantized students of {teacher.source.get('spec', 'the shipped teacher')} (Fashion-MNIST, "
+             f"{len(test_ds)} real test images)", "",
              f"FP32 teacher top-1: **{fp:.2f}%**. Calibration data `NAME@N`: N images of that source; ranges = per-channel Lp "
              f"(p=2.4) weight search + per-tensor MSE activation search; recon = block reconstruction "
              f"(AdaRound + QDrop, {args.recon_iters} steps/block, batch 32). Convention: "
@@ -180,12 +185,12 @@ def main() -> None:
                   "`all layers` = `--keep-8bit none`: first conv, last linear and the network input quantized too.", ""]
         rows = [[k] + [cell(extras[k][c[0]]) for c in extra_cols] for k in extras]
         lines.append(markdown_table(["calibration data"] + [c[0] for c in extra_cols], rows))
-    lines += ["Depthwise networks: not benchmarked (a torchvision MobileNetV2 with random weights says nothing and no "
-              "trained depthwise Fashion-MNIST model ships); depthwise convs are covered by the unit tests only.", "",
+    lines += ["Depthwise networks: `python bench/bench_quant.py --teacher fmnist_mobilenetv2 --name quant-mobilenetv2` "
+              "(the shipped small MobileNetV2).", "",
               f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, device {device}, "
               f"torch {torch.__version__}.", ""]
-    write_result("quant", "\n".join(lines))
-    atomic_write_json(RESULTS / "quant.json", {"fp32": fp, "main": results, "extras": extras,
+    write_result(args.name, "\n".join(lines))
+    atomic_write_json(RESULTS / f"{args.name}.json", {"fp32": fp, "main": results, "extras": extras,
                                                 "settings": vars(args)})
 
 

@@ -23,14 +23,15 @@ SHARD_SETTINGS = {
 NUM_IMAGES = int(os.environ.get("ZKD_BENCH_IMAGES", 1024))
 
 
-def shards(method: str) -> Path:
-    """Path of the cached shard folder for ``method``, synthesizing it first if needed (resumable)."""
+def shards(method: str, teacher: str | None = None) -> Path:
+    """Path of the cached shard folder for ``method`` (from ``teacher``, default the shipped one), synthesizing it
+    first if needed (resumable)."""
     from zeroshot_kd import synthesize
 
-    out = CACHE / f"{method}-{NUM_IMAGES}"
+    out = CACHE / (f"{method}-{NUM_IMAGES}" if teacher is None else f"{teacher}-{method}-{NUM_IMAGES}")
     if not (out / "manifest.json").is_file():
         print(f"[bench] synthesizing {NUM_IMAGES} {method} images into {out}", file=sys.stderr)
-        synthesize(out, method=method, num_images=NUM_IMAGES, batch_size=64, device="auto", seed=0,
+        synthesize(out, teacher=teacher, method=method, num_images=NUM_IMAGES, batch_size=64, device="auto", seed=0,
                    resume=out.exists(), progress=True, **SHARD_SETTINGS[method])
     return out
 

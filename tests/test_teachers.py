@@ -41,16 +41,26 @@ def test_builtin_default_teacher(teacher):
     assert not any(p.requires_grad for p in teacher.model.parameters())
 
 
-def test_shipped_teacher_accuracy_on_real_test_set(teacher):
+@pytest.mark.parametrize("name, floor", [("fmnist_resnet14", 92.0), ("fmnist_mobilenetv2", 89.0)])
+def test_shipped_teachers_accuracy_on_real_test_set(name, floor):
     from zeroshot_kd.data import make_dataset
 
+    teacher = load_teacher(name)
     ds = make_dataset("fashion-mnist:test", teacher.spec)
     x, y = ds.tensors
     with torch.no_grad():
         pred = torch.cat([teacher.model(x[i : i + 2000]).argmax(1) for i in range(0, len(x), 2000)])
     acc = 100 * (pred == y).float().mean().item()
-    assert acc >= 92.0
+    assert acc >= floor
     assert acc == pytest.approx(teacher.source["test_accuracy"], abs=0.05)  # the card tells the truth
+
+
+def test_shipped_mobilenet_has_depthwise_convolutions():
+    teacher = load_teacher("fmnist_mobilenetv2")
+    convs = [m for m in teacher.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    depthwise = [m for m in convs if m.groups == m.in_channels == m.out_channels > 1]
+    assert len(depthwise) == 8  # one per inverted-residual block of SMALL_MOBILENET_V2 (1 + 2 + 2 + 2 + 1)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.model.modules()) == len(convs)
 
 
 @pytest.mark.parametrize("wrap", ["bare", "model", "state_dict", "module_prefix"])

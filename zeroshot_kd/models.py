@@ -1,4 +1,5 @@
-"""Small CIFAR-style ResNets used as the shipped default teacher and as test fixtures.
+"""Small networks for 28x28 inputs: CIFAR-style ResNets (the shipped default teacher, test fixtures) and a small
+MobileNetV2 (the depthwise teacher).
 
 The architecture follows He et al. (2016), Section 4.2 (the CIFAR-10 ResNets): a 3x3 stem, three stages of
 BasicBlocks with 16/32/64 channels (scaled by ``width``), stride 2 between stages, global average pooling and
@@ -13,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["BasicBlock", "CifarResNet", "cifar_resnet"]
+__all__ = ["BasicBlock", "CifarResNet", "cifar_resnet", "mobilenet_v2_small"]
 
 
 class BasicBlock(nn.Module):
@@ -85,3 +86,33 @@ def cifar_resnet(depth: int = 14, width: int = 16, in_channels: int = 1, num_cla
         raise ValueError(f"depth must be 6n+2 (8, 14, 20, ...), got {depth}")
     n = (depth - 2) // 6
     return CifarResNet((n, n, n), width, in_channels, num_classes)
+
+
+# torchvision's MobileNetV2 blocks with a stage layout for 28x28 inputs: (expansion t, channels c, repeats n, stride s);
+# with the stride-2 stem, 28 -> 14 -> 7 -> 4 pixels.
+SMALL_MOBILENET_V2 = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 2, 1], [6, 64, 2, 2], [6, 96, 1, 1]]
+
+
+def mobilenet_v2_small(width_mult: float = 0.5, in_channels: int = 1, num_classes: int = 10,
+                       last_channel: int = 256) -> nn.Module:
+    """A depthwise-separable network: torchvision's ``MobileNetV2`` (inverted residuals, ReLU6, BN after every conv)
+    with a single-channel stem, the shallower stages of :data:`SMALL_MOBILENET_V2` and a ``last_channel``-wide head
+    instead of 1280 (70k parameters at width 0.5: trains on a CPU in minutes).
+
+    Used for the depthwise quantization benchmark: per-channel weights and activation ranges matter far more for
+    depthwise convolutions than for dense ones.
+    """
+    import torchvision
+    from torchvision.ops.misc import Conv2dNormActivation
+
+    model = torchvision.models.mobilenet_v2(num_classes=num_classes, width_mult=width_mult,
+                                            inverted_residual_setting=SMALL_MOBILENET_V2)
+    stem_out = model.features[0].out_channels
+    model.features[0] = Conv2dNormActivation(in_channels, stem_out, stride=2, norm_layer=nn.BatchNorm2d,
+                                             activation_layer=nn.ReLU6)
+    head_in = model.features[-1][0].in_channels
+    model.features[-1] = Conv2dNormActivation(head_in, last_channel, kernel_size=1, norm_layer=nn.BatchNorm2d,
+                                              activation_layer=nn.ReLU6)
+    model.classifier[-1] = nn.Linear(last_channel, num_classes)
+    model.last_channel = last_channel
+    return model
