@@ -6,16 +6,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-ORDER = ["bench_synthesis.py", "bench_similarity.py", "bench_quant.py", "bench_objectives.py"]
+ORDER = [
+    ["bench_synthesis.py"],
+    ["bench_similarity.py"],
+    ["bench_quant.py"],
+    # the depthwise teacher: its own 3 x 1024 synthetic sets (about 15 min), PTQ-only extras
+    ["bench_quant.py", "--teacher", "fmnist_mobilenetv2", "--name", "quant-mobilenetv2", "--recon-iters", "300",
+     "--extras-ptq-only"],
+    ["bench_objectives.py"],
+]
 
 here = Path(__file__).resolve().parent
 failed = []
-for name in ORDER:
+for name, *args in ORDER:
     script = here / name
     if not script.is_file():
         continue
-    print(f"== {name}", flush=True)
-    if subprocess.run([sys.executable, str(script)]).returncode != 0:
-        failed.append(name)
+    print(f"== {name} {' '.join(args)}", flush=True)
+    if subprocess.run([sys.executable, str(script), *args]).returncode != 0:
+        failed.append(" ".join([name, *args]))
 if failed:
     sys.exit(f"benchmarks failed: {', '.join(failed)}")
