@@ -10,6 +10,7 @@ from typing import Any, Callable
 import click
 
 from zeroshot_kd.errors import ZkdError
+from zeroshot_kd.teachers import builtin_teachers
 
 
 def parse_floats(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
@@ -26,7 +27,8 @@ def teacher_options(f: Callable) -> Callable:
     """``--teacher`` and the overrides for custom teachers, shared by every subcommand that loads one."""
     opts = [
         click.option("--teacher", default=None, metavar="SPEC", show_default="fmnist_resnet14 (shipped)",
-                     help="Checkpoint PATH, module:function, torchvision model name, or built-in teacher name."),
+                     help="Checkpoint PATH, module:function, torchvision model name, or built-in teacher name ("
+                          + ", ".join(builtin_teachers()) + ")."),
         click.option("--weights", default=None, metavar="ENUM|PATH|none",
                      help="torchvision weights enum (DEFAULT, IMAGENET1K_V2, ...), a state_dict file, or none."),
         click.option("--arch", default=None, metavar="SPEC",

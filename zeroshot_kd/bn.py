@@ -1,9 +1,10 @@
-"""BatchNorm statistics: forward hooks on every BN layer's input, and the divergences built on them.
+"""BatchNorm statistics of every BN layer's input during a forward pass, and the divergences built on them.
 
 Conventions (used by synthesis, similarity and calibration alike):
 
-* Statistics are taken on the **input** of each BatchNorm layer (``input[0]`` of a forward hook), per channel,
-  pooled over the batch and spatial positions, in float32 even under autocast.
+* Statistics are taken on the **input** of each BatchNorm layer, per channel, pooled over the batch and spatial
+  positions, in float32 even under autocast. :class:`BNStatsHook` computes them inside a frozen teacher's BN layer
+  (fused with its output and backward) or, for any other BN layer, in a forward hook.
 * The batch variance is the **biased** one (divide by N*H*W), as BatchNorm normalizes with it in training
   mode. The stored ``running_var`` was accumulated from the *unbiased* estimator; at N*H*W in the thousands
   the difference (a factor N/(N-1)) is negligible, and we compare the two as they are, as DeepInversion does.
@@ -88,12 +89,9 @@ class BNStats:
 
     @classmethod
     def stack(cls, layers: "BNStats | Sequence[BNStat]") -> "BNStats":
-        """Concatenate per-layer statistics (returned unchanged if already stacked)."""
+        """Concatenate per-layer statistics (returned unchanged if already stacked; at least one layer)."""
         if isinstance(layers, BNStats):
             return layers
-        layers = list(layers)
-        if not layers:
-            raise ZkdError("no BatchNorm statistics were recorded; the teacher has no BatchNorm layers")
         cat = lambda key: torch.cat([getattr(s, key) for s in layers])  # noqa: E731
         eps = torch.cat([torch.full_like(s.running_var, s.eps) for s in layers])
         return cls([s.name for s in layers], [s.mean.numel() for s in layers], cat("mean"), cat("var"),
@@ -269,21 +267,21 @@ class BNStatsHook:
         self._stacked = None
 
     def _stack(self) -> BNStats:
+        if not self._records:
+            empty = torch.zeros(0)
+            return BNStats([], [], empty, empty, empty, empty, empty)
         key = tuple(i for i, _, _ in self._records)
         if key not in self._constants:
             # Per context and layer sequence: names, sizes and running statistics as vectors.
-            device = self._records[0][1].device if self._records else torch.device("cpu")
+            device = self._records[0][1].device
             bns = [self.layers[i][1] for i in key]
-            vec = lambda ts: torch.cat(ts).to(device) if ts else torch.zeros(0, device=device)  # noqa: E731
             self._constants[key] = (
                 [self.layers[i][0] for i in key], [bn.num_features for bn in bns],
-                vec([_widened(bn.running_mean) for bn in bns]),
-                vec([_widened(bn.running_var) for bn in bns]),
-                vec([torch.full((bn.num_features,), float(bn.eps)) for bn in bns]),
+                torch.cat([_widened(bn.running_mean) for bn in bns]).to(device),
+                torch.cat([_widened(bn.running_var) for bn in bns]).to(device),
+                torch.cat([torch.full((bn.num_features,), float(bn.eps)) for bn in bns]).to(device),
             )
         names, sizes, running_mean, running_var, eps = self._constants[key]
-        if not self._records:
-            return BNStats(names, sizes, eps, eps, running_mean, running_var, eps)
         mean = torch.cat([m for _, m, _ in self._records])
         var = torch.cat([v for _, _, v in self._records])
         return BNStats(names, sizes, mean, var, running_mean, running_var, eps)
@@ -316,10 +314,9 @@ def gaussian_kl(mu_p: torch.Tensor, var_p: torch.Tensor, mu_q: torch.Tensor, var
 
 
 def _stacked(stats: BNStats | Sequence[BNStat]) -> BNStats:
-    stats = BNStats.stack(stats)
     if not len(stats):
         raise ZkdError("no BatchNorm statistics were recorded; the teacher has no BatchNorm layers")
-    return stats
+    return BNStats.stack(stats)
 
 
 def bns_kl_loss(stats: BNStats | Sequence[BNStat], first_bn_multiplier: float = 1.0) -> torch.Tensor:

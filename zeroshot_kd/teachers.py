@@ -8,7 +8,7 @@ A spec is tried, in order, as:
 2. ``module:function``: a callable returning an ``nn.Module`` (``weights=`` may then name a state-dict file);
 3. a **torchvision** model name (``torchvision.models.get_model``) with ``weights=`` a weights enum name
    (``DEFAULT``, ``IMAGENET1K_V2``, ...), a local state-dict file, or ``none``;
-4. a **built-in** teacher shipped in ``assets/`` (``fmnist_resnet14``, the default).
+4. a **built-in** teacher shipped in ``assets/`` (``fmnist_resnet14``, the default; ``fmnist_mobilenetv2``).
 
 The returned model is in eval mode with ``requires_grad`` off; nothing in zkd modifies it.
 """

@@ -173,7 +173,7 @@ def optimize_batch(
     x = x.clone().requires_grad_(True)
     terms: dict[str, float] = {}
     best = BestTracker(x)
-    # Hooks only where a BN term is optimized: they cost a pass over every BN input, forward and backward.
+    # BN statistics only where a BN term is optimized: they cost passes over every BN input, forward and backward.
     with BNStatsHook(teacher if use_bn else nn.Identity()) as hook, deterministic_kernels(device):
         for iters, pool in stages:
             opt = torch.optim.Adam([x], lr=hp["lr"], betas=tuple(hp["betas"]), eps=1e-8)
