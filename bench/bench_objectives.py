@@ -92,7 +92,7 @@ def fp_section(teacher, data: str, test, device) -> str:
     train = make_dataset(data, teacher.spec, NUM_IMAGES)
     real = make_dataset("fashion-mnist:train", teacher.spec, NUM_IMAGES)
     rows = []
-    for label, specs, seed in FP_RUNS + [("kd on 1024 REAL images", ["kd"], 0)]:
+    for label, specs, seed in FP_RUNS + [(f"kd on {NUM_IMAGES} REAL images (reference)", ["kd"], 0)]:
         ds = real if "REAL" in label else train
         student, _ = build_student("cifar-resnet:8x8", teacher, seed=seed, device=device)
         cfg = DistillConfig(epochs=EPOCHS, batch_size=64, lr=0.05, seed=seed)
