@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import CACHE, RESULTS, markdown_table, shards, write_result  # noqa: E402
+from common import CACHE, RESULTS, markdown_table, shard_dir, shards, write_result  # noqa: E402
 
 from zeroshot_kd import load_teacher  # noqa: E402
 from zeroshot_kd.data import make_dataset  # noqa: E402
@@ -56,7 +56,7 @@ def source_string(name: str, n: int, teacher: str | None = None) -> str:
         return "fashion-mnist:train"
     if name == "gaussian":
         return f"gaussian:{n}"
-    cached = CACHE / (f"{name}-{n}" if teacher is None else f"{teacher}-{name}-{n}")
+    cached = shard_dir(name, teacher, n)
     return f"shards:{cached if (cached / 'manifest.json').is_file() else shards(name, teacher)}"
 
 

@@ -152,9 +152,9 @@ def main() -> None:
         for m in methods:
             floor = statistics.median(f for f, _ in runs[m])
             ms = statistics.median(t for _, t in runs[m])
-            ratio = statistics.median(t / f for f, t in runs[m])
-            spread = f"{min(t / f for f, t in runs[m]):.2f}-{max(t / f for f, t in runs[m]):.2f}"
-            rows.append([m, precision, f"{floor:.1f}", f"{ms:.1f}", f"{ratio:.2f}", spread])
+            ratios = [t / f for f, t in runs[m]]
+            rows.append([m, precision, f"{floor:.1f}", f"{ms:.1f}", f"{statistics.median(ratios):.2f}",
+                         f"{min(ratios):.2f}-{max(ratios):.2f}"])
     if device.type == "cuda":  # paired_ms's floor runs under optimize_batch's deterministic cuDNN; the default:
         x = torch.randn(BATCH, *teacher.spec.shape, device=device, requires_grad=True)
         default_floor = 1000 * statistics.median([floor_step(teacher.model, x) for _ in range(args.iterations)][WARM:])

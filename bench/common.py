@@ -23,12 +23,17 @@ SHARD_SETTINGS = {
 NUM_IMAGES = int(os.environ.get("ZKD_BENCH_IMAGES", 1024))
 
 
+def shard_dir(method: str, teacher: str | None = None, n: int = NUM_IMAGES) -> Path:
+    """Where the cached ``n``-image set of ``method`` from ``teacher`` (default the shipped one) lives."""
+    return CACHE / (f"{method}-{n}" if teacher is None else f"{teacher}-{method}-{n}")
+
+
 def shards(method: str, teacher: str | None = None) -> Path:
     """Path of the cached shard folder for ``method`` (from ``teacher``, default the shipped one), synthesizing it
     first if needed (resumable)."""
     from zeroshot_kd import synthesize
 
-    out = CACHE / (f"{method}-{NUM_IMAGES}" if teacher is None else f"{teacher}-{method}-{NUM_IMAGES}")
+    out = shard_dir(method, teacher)
     if not (out / "manifest.json").is_file():
         print(f"[bench] synthesizing {NUM_IMAGES} {method} images into {out}", file=sys.stderr)
         synthesize(out, teacher=teacher, method=method, num_images=NUM_IMAGES, batch_size=64, device="auto", seed=0,
