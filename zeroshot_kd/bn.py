@@ -4,7 +4,8 @@ Conventions (used by synthesis, similarity and calibration alike):
 
 * Statistics are taken on the **input** of each BatchNorm layer, per channel, pooled over the batch and spatial
   positions, in float32 even under autocast. :class:`BNStatsHook` computes them inside a frozen teacher's BN layer
-  (fused with its output and backward) or, for any other BN layer, in a forward hook.
+  (fused with its output and backward) or, for any other BN layer, from its input captured by
+  :class:`zeroshot_kd.capture.Capture` (a forward pre-hook).
 * The batch variance is the **biased** one (divide by N*H*W), as BatchNorm normalizes with it in training
   mode. The stored ``running_var`` was accumulated from the *unbiased* estimator; at N*H*W in the thousands
   the difference (a factor N/(N-1)) is negligible, and we compare the two as they are, as DeepInversion does.
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .capture import Capture
 from .errors import ZkdError
 
 __all__ = [
@@ -144,7 +146,7 @@ def _moments_input_grad(x: torch.Tensor, mean: torch.Tensor, g_mean: torch.Tenso
 
 
 class _ChannelMoments(torch.autograd.Function):
-    """Per-channel (mean, biased variance) of x with a one-pass backward. Used by the forward-hook path; frozen
+    """Per-channel (mean, biased variance) of x with a one-pass backward. Used by the captured-input path; frozen
     eval-mode layers take :class:`_EvalBatchNormWithMoments` instead."""
 
     @staticmethod
@@ -219,34 +221,41 @@ class BNStatsHook:
     The statistics keep their autograd graph, so losses on them back-propagate into ``x``. A stock BatchNorm
     layer that is frozen and in eval mode (a teacher's) has its ``forward`` replaced, for the duration of the
     context only, by :class:`_EvalBatchNormWithMoments`: same output, statistics computed in the same call and
-    one fused backward. Any other layer gets a forward hook on its input. Everything is restored on exit
+    one fused backward. Any other layer's input is captured (:class:`~zeroshot_kd.capture.Capture`, a reduction
+    on the live tensor, with its graph). Everything is restored on exit
     (DeepInversion's hooks never were; NVlabs/DeepInversion PR #35); the model's parameters and buffers are not
     touched, and its running statistics are read once per context.
     """
 
     def __init__(self, model: nn.Module) -> None:
+        self.model = model
         self.layers = bn_layers(model)
-        self._handles: list = []
+        self._capture: Capture | None = None
         self._patched: list[nn.Module] = []
         self._records: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (layer, mean, var)
         self._stacked: BNStats | None = None
         self._constants: dict[tuple, tuple] = {}
 
     def __enter__(self) -> "BNStatsHook":
-        for i, (_, bn) in enumerate(self.layers):
+        hooked: dict[str, int] = {}
+        for i, (name, bn) in enumerate(self.layers):
             if _can_fuse(bn):
                 bn.forward = self._fused_forward(i, bn)
                 self._patched.append(bn)
             else:
-                self._handles.append(bn.register_forward_hook(self._make_hook(i)))
+                hooked[f"{name}@in"] = i
+        if hooked:
+            self._capture = Capture(self.model, list(hooked),
+                                    reduce=lambda addr, x: self._record(hooked[addr], *_ChannelMoments.apply(x)))
+            self._capture.open()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
+        if self._capture is not None:
+            self._capture.close()
+            self._capture = None
         for bn in self._patched:
             del bn.forward  # back to the class's forward
-        self._handles.clear()
         self._patched.clear()
         self._constants.clear()
 
@@ -297,12 +306,6 @@ class BNStatsHook:
             return y
 
         return forward
-
-    def _make_hook(self, i: int):
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            self._record(i, *_ChannelMoments.apply(inputs[0]))
-
-        return hook
 
 
 def gaussian_kl(mu_p: torch.Tensor, var_p: torch.Tensor, mu_q: torch.Tensor, var_q: torch.Tensor) -> torch.Tensor:

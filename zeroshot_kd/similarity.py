@@ -47,10 +47,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .bn import bn_layers, gaussian_kl
+from .capture import Capture
 from .errors import ZkdError
 from .io import atomic_torch_save, atomic_write_bytes, atomic_write_json
 from .spec import InputSpec
@@ -295,19 +295,16 @@ def compute_signature(
     partial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     current: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def make_hook(layer: str) -> Callable:
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            x = inputs[0]
-            if x.dtype not in (torch.float32, torch.float64):
-                x = x.float()
-            n, mean, m2 = exact[layer].update(x)
-            current[layer] = (mean, m2 / n)
-
-        return hook
+    def accumulate(address: str, x: torch.Tensor) -> None:
+        layer = address[: -len("@in")]
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        n, mean, m2 = exact[layer].update(x)
+        current[layer] = (mean, m2 / n)
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=dev.type == "cuda")
-    handles = [bn.register_forward_hook(make_hook(n)) for n, bn in layers]
+    capture = Capture(model, [f"{n}@in" for n, _ in layers], reduce=accumulate).open()
     was_training = model.training
     model.eval()
     count = batches = full_batches = 0
@@ -334,8 +331,7 @@ def compute_signature(
                     partial = dict(current)
                 bar.update(x.shape[0])
     finally:
-        for h in handles:
-            h.remove()
+        capture.close()
         model.train(was_training)
     if count == 0:
         raise ZkdError(f"data {name!r} ({source or 'dataset'}) is empty; pass a source with at least one image")

@@ -1,9 +1,11 @@
-"""Intermediate features by module path, captured with forward hooks (the models are never modified).
+"""Intermediate features by module path for the objectives, captured with :class:`zeroshot_kd.capture.Capture`
+(hooks only: the models are never modified).
 
 An **address** is a module path as in ``model.named_modules()`` (``layer3``, ``layer3.1.relu2``), optionally
 suffixed ``@in`` to take the module's first input instead of its output (``fc@in`` is the pooled penultimate
-vector, ``layer3.1.relu2@in`` the last block's pre-ReLU sum). A module called several times in one forward
-(torchvision's ``BasicBlock.relu``) keeps its **last** call.
+vector, ``layer3.1.relu2@in`` the last block's pre-ReLU sum). Inputs are read in a forward pre-hook and cloned, so
+an in-place ReLU (torchvision's ``ReLU(inplace=True)``) cannot overwrite them; outputs are cloned too. A module
+called several times in one forward (torchvision's ``BasicBlock.relu``) keeps its **last** call.
 
 Keywords expand against a model's structure, so defaults work for CIFAR ResNets and torchvision ResNets alike:
 
@@ -25,18 +27,12 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..capture import Capture, split_address
 from ..errors import ZkdError
 
 __all__ = ["FeatureCapture", "KEYWORDS", "preact_bn", "resolve_layers", "split_address"]
 
 KEYWORDS = ("stages", "last-stage", "stem", "penultimate", "preact")
-
-
-def split_address(address: str) -> tuple[str, bool]:
-    """``"fc@in"`` -> ("fc", True); ``"layer3"`` -> ("layer3", False)."""
-    if address.endswith("@in"):
-        return address[: -len("@in")], True
-    return address, False
 
 
 def _stages(model: nn.Module, role: str) -> list[str]:
@@ -122,58 +118,36 @@ def resolve_layers(model: nn.Module, tokens: list[str], role: str = "student") -
     return out
 
 
-class FeatureCapture:
-    """Forward hooks that record the activations at a list of addresses into ``self.features``.
+class FeatureCapture(Capture):
+    """The features at a list of addresses, recorded into ``self.features`` on every forward until :meth:`close`.
 
-    Also records the root model's last input (``last_input``), so a caller can tell whether the captured
-    features belong to the batch at hand. ``close()`` removes every hook.
+    A :class:`~zeroshot_kd.capture.Capture` opened at construction (stored tensors cloned, with their graph).
+    Also records the root model's last input (``last_input``, not a copy), so a caller can tell whether the
+    captured features belong to the batch at hand.
     """
 
     def __init__(self, model: nn.Module, addresses: list[str]) -> None:
-        self.features: dict[str, torch.Tensor] = {}
-        self.last_input: torch.Tensor | None = None
-        self.enabled = True
-        self._handles = []
-        for addr in addresses:
-            path, is_in = split_address(addr)
-            module = model.get_submodule(path)
-            self._handles.append(module.register_forward_hook(self._hook(addr, is_in)))
-        if addresses:
-            self._handles.append(model.register_forward_pre_hook(self._root_hook))
+        super().__init__(model, addresses)
+        self._root = Capture(model, ["@in"], clone=False) if addresses else None
+        self.open()
+        if self._root is not None:
+            self._root.open()
 
-    def _root_hook(self, module: nn.Module, args: tuple) -> None:
-        if self.enabled and args and isinstance(args[0], torch.Tensor):
-            self.last_input = args[0]
-
-    def _hook(self, addr: str, is_in: bool):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if not self.enabled:
-                return
-            value = args[0] if is_in else output
-            if not isinstance(value, torch.Tensor):
-                raise ZkdError(f"layer {addr!r} {'input' if is_in else 'output'} is not a tensor; pick another layer")
-            self.features[addr] = value
-
-        return hook
+    @property
+    def last_input(self) -> torch.Tensor | None:
+        return self._root.features.get("@in") if self._root is not None else None
 
     def clear(self) -> None:
-        self.features = {}
-        self.last_input = None
-
-    def take(self) -> dict[str, torch.Tensor]:
-        """Return the captured features and forget them (each batch starts empty)."""
-        out, self.features = self.features, {}
-        return out
+        super().clear()
+        if self._root is not None:
+            self._root.clear()
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        prev, self.enabled = self.enabled, False
-        try:
+        with super().paused(), (self._root.paused() if self._root is not None else contextlib.nullcontext()):
             yield
-        finally:
-            self.enabled = prev
 
     def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        super().close()
+        if self._root is not None:
+            self._root.close()

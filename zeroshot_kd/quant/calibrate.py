@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..capture import Capture
 from ..errors import ZkdError
 from ..runtime import autocast, batch_generator
 from .fakequant import SCALE_EPS, FakeQuantizer
@@ -149,33 +150,31 @@ def calibrate_weights(model: nn.Module, method: str = "lp", p: float = 2.4, cand
 
 
 class _ActRecorder:
-    """Forward pre-hooks that record each quantized layer's input range and a seeded random sample of values."""
+    """Records each quantized layer's input range and a seeded random sample of values (a reducing Capture)."""
 
     def __init__(self, model: nn.Module, per_call: int, seed: int) -> None:
         self.per_call, self.seed, self.batch = per_call, seed, 0
         self.lo: dict[str, float] = {}
         self.hi: dict[str, float] = {}
         self.samples: dict[str, list[torch.Tensor]] = {}
-        self.handles = []
-        for name, layer in quant_layers(model):
-            if layer.aq is not None:
-                self.handles.append(layer.register_forward_pre_hook(self._hook(name)))
+        names = [name for name, layer in quant_layers(model) if layer.aq is not None]
+        self.capture = Capture(model, [f"{n}@in" for n in names], detach=True,
+                               reduce=lambda addr, x: self._record(addr[: -len("@in")], x)).open()
 
-    def _hook(self, name: str):
-        def hook(module: nn.Module, inputs: tuple) -> None:
-            x = inputs[0].detach().float().flatten()
-            self.lo[name] = min(self.lo.get(name, math.inf), x.min().item())
-            self.hi[name] = max(self.hi.get(name, -math.inf), x.max().item())
-            if x.numel() > self.per_call:
-                g = batch_generator(self.seed, self.batch, f"act-sample:{name}")
-                idx = torch.randint(0, x.numel(), (self.per_call,), generator=g).to(x.device)
-                x = x[idx]
-            self.samples.setdefault(name, []).append(x)
-        return hook
+    def _record(self, name: str, value: torch.Tensor) -> None:
+        x = value.float().flatten()
+        self.lo[name] = min(self.lo.get(name, math.inf), x.min().item())
+        self.hi[name] = max(self.hi.get(name, -math.inf), x.max().item())
+        if x.numel() > self.per_call:
+            g = batch_generator(self.seed, self.batch, f"act-sample:{name}")
+            idx = torch.randint(0, x.numel(), (self.per_call,), generator=g).to(x.device)
+            x = x[idx]
+        else:
+            x = x.clone()  # the live tensor may be changed in place later in the forward
+        self.samples.setdefault(name, []).append(x)
 
     def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
+        self.capture.close()
 
 
 def set_act_quant(model: nn.Module, enabled: bool) -> None:

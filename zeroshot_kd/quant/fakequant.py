@@ -128,6 +128,8 @@ class FakeQuantizer(nn.Module):
         zero_point: integer zero points stored as float32 (a buffer).
         enabled: when False the quantizer is the identity.
         drop_prob: QDrop: with this probability an element keeps its full-precision value (reconstruction only).
+        drop_generator: generator of QDrop's masks, on the device of the quantized tensors (the masks are drawn
+            there: no per-step host-to-device copy); None uses the device's default generator.
     """
 
     def __init__(self, bits: int, qmin: int, qmax: int, symmetric: bool, axis: int | None = None,
@@ -205,8 +207,7 @@ class FakeQuantizer(nn.Module):
             q = torch.clamp(torch.round(xf * inv) + z, self.qmin, self.qmax)
         out = (q - z) * s
         if self.drop_prob > 0:
-            g = self.drop_generator
-            keep_q = torch.rand(out.shape, generator=g).to(out.device) >= self.drop_prob
+            keep_q = torch.rand(out.shape, generator=self.drop_generator, device=out.device) >= self.drop_prob
             out = torch.where(keep_q, out, xf)
         return out.to(x.dtype)
 

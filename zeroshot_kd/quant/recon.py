@@ -29,7 +29,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..runtime import batch_generator
+from ..capture import Capture, CaptureError
+from ..runtime import batch_generator, batch_seed
 from .modules import QUANT_TYPES, quant_layers
 
 __all__ = ["ReconConfig", "find_blocks", "reconstruct"]
@@ -73,41 +74,34 @@ def find_blocks(model: nn.Module) -> list[str]:
     return blocks
 
 
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
 def _capture(model: nn.Module, block: str, inputs: Sequence[torch.Tensor], device: torch.device,
              want_output: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """Inputs (and outputs) of ``block`` for every batch of ``inputs``, on CPU; None if it is not a 1-input block."""
-    mod = model.get_submodule(block)
-    xs: list[torch.Tensor] = []
-    ys: list[torch.Tensor] = []
-    calls = [0]
+    """Inputs (and outputs) of ``block`` for every batch of ``inputs``, on CPU in float32; None if it is not a
+    one-tensor-input module reached by every forward. The rest of each forward is skipped (``stop_after``)."""
+    sites = [f"{block}@in", block] if want_output else [f"{block}@in"]
+    kept: dict[str, list[torch.Tensor]] = {a: [] for a in sites}
 
-    def hook(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        calls[0] += 1
-        if len(args) != 1 or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor):
-            raise _Stop("signature")
-        xs.append(args[0].detach().float().cpu())
-        ys.append(out.detach().float().cpu())
-        raise _Stop("done")
+    def keep(addr: str, t: torch.Tensor) -> None:
+        kept[addr].append(t.to("cpu", torch.float32, copy=True))
 
-    handle = mod.register_forward_hook(hook)
-    try:
+    with Capture(model, sites, detach=True, reduce=keep, stop_after=sites[-1], single_input=True) as cap:
         for x in inputs:
-            before = calls[0]
+            before = cap.calls[sites[-1]]
             try:
-                model(x.to(device))
-            except _Stop as e:
-                if str(e) == "signature":
-                    return None
-            if calls[0] != before + 1:
+                cap.run(x.to(device))
+            except CaptureError:
                 return None
-    finally:
-        handle.remove()
-    return torch.cat(xs), (torch.cat(ys) if want_output else None)
+            if cap.calls[sites[-1]] != before + 1:
+                return None
+    xs = torch.cat(kept[sites[0]])
+    return xs, (torch.cat(kept[block]) if want_output else None)
+
+
+def _device_generator(seed: int, index: int, salt: str, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded like :func:`~zeroshot_kd.runtime.batch_generator` (per block), so QDrop's
+    masks are drawn where the tensors live instead of on the CPU and copied at every step."""
+    return torch.Generator(device=torch.device(device)).manual_seed(batch_seed(seed, index, salt))
 
 
 def _recon_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -150,7 +144,8 @@ def reconstruct(student: nn.Module, fp_model: nn.Module, inputs: Sequence[torch.
         block = student.get_submodule(name)
         layers = [m for _, m in quant_layers(block)] if not isinstance(block, QUANT_TYPES) else [block]
         gen = batch_generator(seed, bi, f"recon:{name}")
-        drop_gen = batch_generator(seed, bi, f"qdrop:{name}")
+        drop_gen = _device_generator(seed, bi, f"qdrop:{name}", device)
+        mix_gen = _device_generator(seed, bi, f"qdrop-input:{name}", device)
         n = x_fp.shape[0]
         y_dev = None
 
@@ -187,7 +182,8 @@ def reconstruct(student: nn.Module, fp_model: nn.Module, inputs: Sequence[torch.
             idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
             xq, xf, y = x_q[idx], x_fp[idx], y_fp[idx]
             if 0 < cfg.drop_prob < 1:
-                use_q = torch.rand(xq.shape, generator=gen) < cfg.drop_prob
+                xq, xf = xq.to(device), xf.to(device)
+                use_q = torch.rand(xq.shape, generator=mix_gen, device=xq.device) < cfg.drop_prob
                 xin = torch.where(use_q, xq, xf)
             else:
                 xin = xq

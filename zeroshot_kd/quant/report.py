@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..capture import Capture
 from ..runtime import autocast
 from .fakequant import sqnr_db
 from .modules import quant_layers
@@ -41,48 +42,37 @@ def layer_report(student: nn.Module, fp_model: nn.Module, batches: Sequence[torc
     student.eval()
     fp_model.eval()
     fp_layers = dict(fp_model.named_modules())
-    acc: dict[str, dict[str, float]] = {}
-    outs_s: dict[str, torch.Tensor] = {}
-    outs_f: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, layer in quant_layers(student):
-        a = acc.setdefault(name, {"x2": 0.0, "e2": 0.0, "clip": 0.0, "n": 0.0, "y2": 0.0, "ye2": 0.0})
+    layers = dict(quant_layers(student))
+    acc = {name: {"x2": 0.0, "e2": 0.0, "clip": 0.0, "n": 0.0, "y2": 0.0, "ye2": 0.0} for name in layers}
 
-        def pre(m: nn.Module, args: tuple, a: dict = a) -> None:
-            if m.aq is None:
-                return
-            x = args[0].detach().float()
-            xq = m.aq(x)
-            s, z = m.aq.scale.detach(), m.aq.zero_point
-            codes = torch.round(x * (1.0 / s)) + z
-            a["x2"] += x.pow(2).sum().item()
-            a["e2"] += (x - xq).pow(2).sum().item()
-            a["clip"] += ((codes < m.aq.qmin) | (codes > m.aq.qmax)).sum().item()
-            a["n"] += x.numel()
+    def act_error(addr: str, value: torch.Tensor) -> None:
+        name = addr[: -len("@in")]
+        m, a = layers[name], acc[name]
+        x = value.float()
+        xq = m.aq(x)
+        s, z = m.aq.scale.detach(), m.aq.zero_point
+        codes = torch.round(x * (1.0 / s)) + z
+        a["x2"] += x.pow(2).sum().item()
+        a["e2"] += (x - xq).pow(2).sum().item()
+        a["clip"] += ((codes < m.aq.qmin) | (codes > m.aq.qmax)).sum().item()
+        a["n"] += x.numel()
 
-        def post_s(m: nn.Module, args: tuple, out: torch.Tensor, name: str = name) -> None:
-            outs_s[name] = out.detach().float()
-
-        def post_f(m: nn.Module, args: tuple, out: torch.Tensor, name: str = name) -> None:
-            outs_f[name] = out.detach().float()
-
-        handles.append(layer.register_forward_pre_hook(pre))
-        handles.append(layer.register_forward_hook(post_s))
-        if name in fp_layers:
-            handles.append(fp_layers[name].register_forward_hook(post_f))
-    try:
+    act_in = Capture(student, [f"{n}@in" for n, m in layers.items() if m.aq is not None], detach=True,
+                     reduce=act_error)
+    outs_s = Capture(student, list(layers), detach=True)
+    outs_f = Capture(fp_model, [n for n in layers if n in fp_layers], detach=True)
+    with act_in, outs_s, outs_f:
         for x in batches:
             outs_s.clear()
             outs_f.clear()
             student(x.to(device))
             fp_model(x.to(device))
-            for name, y in outs_s.items():
-                if name in outs_f and outs_f[name].shape == y.shape:
-                    acc[name]["y2"] += outs_f[name].pow(2).sum().item()
-                    acc[name]["ye2"] += (outs_f[name] - y).pow(2).sum().item()
-    finally:
-        for h in handles:
-            h.remove()
+            for name, y in outs_s.features.items():
+                f = outs_f.features.get(name)
+                if f is not None and f.shape == y.shape:
+                    f, y = f.float(), y.float()
+                    acc[name]["y2"] += f.pow(2).sum().item()
+                    acc[name]["ye2"] += (f - y).pow(2).sum().item()
     rows = []
     for name, layer in quant_layers(student):
         ref = fp_layers[name].weight.detach().float() if name in fp_layers else layer.weight.detach().float()
