@@ -126,6 +126,29 @@ def test_tfkd_self_uses_a_frozen_copy_of_the_starting_student():
     assert got_main.item() == pytest.approx(expected / B, rel=1e-12)
 
 
+def test_tfkd_self_default_never_reads_the_runs_teacher_logits():
+    torch.manual_seed(0)
+    student = torch.nn.Linear(3, K).double()
+    x, y = _rand(B, 3, seed=7), torch.tensor([0, 1, 2, 3, 0])
+    start = student(x).detach()
+    other = _rand(B, K, seed=11)                      # the run's teacher logits: not the self-teacher
+    obj = get("tfkd-self", alpha=0.6, T=2.0)          # unbound, default teacher=copy
+    with pytest.raises(ZkdError, match="teacher=main") as e:
+        obj(KDBatch(student_logits=start, teacher_logits=other, inputs=x, labels=y))
+    assert "\n" not in str(e.value)
+    # given the student, the first forward copies it (its starting weights) and keeps that copy
+    s = student(x)
+    got = obj(KDBatch(student_logits=s, teacher_logits=other, inputs=x, labels=y, student=student))
+    with torch.no_grad():
+        student.weight.add_(0.5)
+    s2 = student(x)
+    got2 = obj(KDBatch(student_logits=s2, teacher_logits=other, inputs=x, labels=y, student=student))
+    for logits, value in ((s, got), (s2, got2)):
+        expected = sum(0.4 * _ce(sr, yi) + 0.6 * 4.0 * _kl(_softmax(tr, 2.0), _softmax(sr, 2.0))
+                       for sr, tr, yi in zip(_rows(logits.detach()), _rows(start), y.tolist())) / B
+        assert value.item() == pytest.approx(expected, rel=1e-12)
+
+
 def test_cskd_value_and_no_gradient_through_the_pair():
     s, p = _rand(B, K, seed=8).requires_grad_(True), _rand(B, K, seed=9).requires_grad_(True)
     y, T, lam = torch.tensor([3, 2, 1, 0, 0]), 4.0, 3.0
@@ -161,6 +184,41 @@ def test_kdcl_ensembles_by_hand():
     assert torch.allclose(lin, w[0] * z1 + w[1] * z2)
     ce_lin = F.cross_entropy(lin, y).item()
     assert ce_lin < min(F.cross_entropy(z1, y).item(), F.cross_entropy(z2, y).item()) - 1e-3
+
+
+def _grid_ce(zs, y, weights):
+    """CE of sum_i w_i z_i for each row of ``weights`` (G, M), in float64."""
+    stack = torch.stack([z.double() for z in zs])
+    ens = torch.einsum("gm,mbk->gbk", weights.double(), stack)
+    return -torch.log_softmax(ens, 2).gather(2, y.view(1, -1, 1).expand(len(weights), -1, 1)).squeeze(2).mean(1)
+
+
+@pytest.mark.parametrize("seed", [0, 2, 3, 4])
+def test_kdcl_linear_ensemble_reaches_the_grid_optimum(seed):
+    # B=8, K=10, logits randn*3: exponentiated gradient with a fixed step of 1 oscillated and ended on a vertex
+    # (seed 3: w=[1, 0], CE 5.14, where the optimum w1=0.551 gives 3.35 and the uniform average 3.38)
+    g = torch.Generator().manual_seed(seed)
+    z1, z2 = torch.randn(8, 10, generator=g) * 3, torch.randn(8, 10, generator=g) * 3
+    y = torch.randint(0, 10, (8,), generator=g)
+    w, lin = ensemble_linear([z1, z2], y)
+    a = torch.linspace(0, 1, 10001, dtype=torch.float64)
+    grid = _grid_ce([z1, z2], y, torch.stack([a, 1 - a], 1))
+    got = F.cross_entropy(lin.double(), y).item()
+    assert got <= grid.min().item() + 1e-5
+    assert w[0].item() == pytest.approx(a[grid.argmin()].item(), abs=2e-3)
+    assert torch.allclose(lin, w[0] * z1 + w[1] * z2)
+
+
+def test_kdcl_linear_ensemble_three_members_against_a_simplex_grid():
+    g = torch.Generator().manual_seed(5)
+    zs = [torch.randn(8, 10, generator=g, dtype=torch.float64) * 3 for _ in range(3)]
+    y = torch.randint(0, 10, (8,), generator=g)
+    w, lin = ensemble_linear(zs, y)
+    n = 100
+    pts = torch.tensor([(i / n, j / n, (n - i - j) / n) for i in range(n + 1) for j in range(n + 1 - i)])
+    grid = _grid_ce(zs, y, pts)
+    assert w.min() >= 0 and w.sum().item() == pytest.approx(1.0, abs=1e-12)
+    assert F.cross_entropy(lin, y).item() <= grid.min().item() + 1e-9
 
 
 def test_kdcl_member_losses_and_peers():

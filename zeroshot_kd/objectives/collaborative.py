@@ -43,9 +43,13 @@ def ensemble_linear(logits: list[torch.Tensor], targets: torch.Tensor, iters: in
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Simplex weights ``w`` minimizing ``CE(sum_i w_i z_i, y)`` on the batch, and the ensemble logits.
 
-    Exponentiated-gradient descent from the uniform weights (the problem is convex in w); the result is compared
-    with every single member (the simplex's vertices) and the best is kept, so the ensemble's CE never exceeds the
-    best member's.
+    The problem is convex in w. Exponentiated-gradient (mirror) descent from the uniform weights, with a
+    backtracking line search: each step starts from twice the last accepted step size (``lr`` at first) and is
+    halved until the CE decreases, so the step adapts to the logits' scale (a fixed step of 1 oscillates between
+    vertices on logits of a few units); it stops after ``iters`` steps or once a step gains less than a relative
+    1e-9. The best iterate is kept and compared with every single member (the
+    simplex's vertices, which exponentiated steps only approach), so the ensemble's CE never exceeds the best
+    member's nor the uniform average's.
     """
     stack = torch.stack([as_float(z.detach()) for z in logits])
     m = stack.shape[0]
@@ -54,15 +58,32 @@ def ensemble_linear(logits: list[torch.Tensor], targets: torch.Tensor, iters: in
         return F.cross_entropy(torch.einsum("m,mbk->bk", w, stack), targets)
 
     w = torch.full((m,), 1.0 / m, dtype=stack.dtype, device=stack.device)
+    with torch.no_grad():
+        f = ce(w)
+    step = lr
     for _ in range(iters):
         w.requires_grad_(True)
         with torch.enable_grad():
             g, = torch.autograd.grad(ce(w), w)
+        w = w.detach()
         with torch.no_grad():
-            w = w.detach() * torch.exp(-lr * g)
-            w = w / w.sum()
+            g = g - g.max()                       # same step on the simplex; keeps exp() from overflowing
+            step *= 2.0
+            for _ in range(40):
+                cand = w * torch.exp(-step * g)
+                cand = cand / cand.sum()
+                f_cand = ce(cand)
+                if f_cand < f:
+                    break
+                step *= 0.5
+            else:
+                break                             # no descent at any step size: w is optimal to precision
+        converged = float(f - f_cand) <= 1e-9 * float(f)
+        w, f = cand, f_cand
+        if converged:
+            break
     with torch.no_grad():
-        candidates = [w.detach()] + [torch.eye(m, dtype=stack.dtype, device=stack.device)[i] for i in range(m)]
+        candidates = [w] + [torch.eye(m, dtype=stack.dtype, device=stack.device)[i] for i in range(m)]
         losses = torch.stack([ce(c) for c in candidates])
         best = candidates[int(losses.argmin())]
     return best, torch.einsum("m,mbk->bk", best, stack)

@@ -153,7 +153,10 @@ class TfKDReg(Objective):
 class TfKDSelf(Objective):
     """Teacher-free KD by self-training: a pretrained copy of the student is the teacher.
 
-    ``(1 - alpha) CE + alpha * multiplier * T^2 * KL(p_self^T || p_s^T)``.
+    ``(1 - alpha) CE + alpha * multiplier * T^2 * KL(p_self^T || p_s^T)``. With the default ``teacher=copy`` the
+    self-teacher is a frozen copy of the student's starting weights, made by :meth:`bind` or, unbound, at the first
+    forward from ``batch.student`` (before any update); without either it raises instead of reading
+    ``batch.teacher_logits``, which only ``teacher=main`` uses.
     """
 
     name = "tfkd-self"
@@ -188,6 +191,13 @@ class TfKDSelf(Objective):
 
     def forward(self, batch: KDBatch) -> torch.Tensor:
         p = self.params
+        if p["teacher"] != "main" and not self._self:
+            # Never fall back to the run's teacher logits: that is teacher=main, a different method.
+            if batch.student is None:
+                raise ZkdError(f"objective tfkd-self (teacher={p['teacher']}) has no self-teacher yet: call "
+                               "bind(student, teacher) first (zkd distill and make_loss_fn do), pass the student in "
+                               "KDBatch.student, or use teacher=main for the run's teacher logits")
+            self.bind(batch.student, batch.teacher)   # first step: the student still has its starting weights
         if self._self:
             if batch.inputs is None:
                 raise ZkdError("tfkd-self needs the inputs to run its self-teacher")
