@@ -75,11 +75,17 @@ def test_keywords_resolve_on_cifar_and_torchvision_resnets():
     with torch.no_grad():
         tv(x)
     f = cap.features
-    # torchvision's block calls one ReLU twice: the last call's input is the pre-activation sum
+    # torchvision's block calls one ReLU twice: the last call's input is the pre-activation sum, read before the
+    # in-place ReLU overwrites it (relu(captured) == output would hold for a post-ReLU capture too)
+    with torch.no_grad():
+        blk, h = tv.layer4[1], tv.layer4[0](tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.bn1(tv.conv1(x)).relu())))))
+        pre = blk.bn2(blk.conv2(blk.bn1(blk.conv1(h)).relu())) + h
+    assert pre.min().item() < 0
+    assert torch.allclose(f["layer4.1.relu@in"], pre, atol=1e-5)
     assert torch.allclose(f["layer4.1.relu@in"].relu(), f["layer4"])
     assert torch.allclose(f["fc@in"], f["layer4"].mean((2, 3)), atol=1e-6)
     cap.close()
-    assert not tv.layer4[1].relu._forward_hooks
+    assert not tv.layer4[1].relu._forward_hooks and not tv.layer4[1].relu._forward_pre_hooks
 
 
 def test_weights_combine_and_duplicate_names_get_suffixes():

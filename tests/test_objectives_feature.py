@@ -273,3 +273,37 @@ def test_ofd_objective_reduction_layer_weights_and_connector():
     assert torch.allclose(tf["layer3.0.relu2@in"].relu(), teacher.layer3(teacher.layer2(teacher.layer1(
         teacher.relu(teacher.bn1(teacher.conv1(x)))))), atol=1e-6)
     runner.close()
+
+
+def _tv_block_preact(block, h):
+    """torchvision BasicBlock's sum before its final ReLU, computed without in-place operations."""
+    out = block.bn2(block.conv2(F.relu(block.bn1(block.conv1(h)))))
+    return out + (block.downsample(h) if block.downsample is not None else h)
+
+
+def test_ofd_reads_pre_relu_features_on_torchvision_resnets():
+    """torchvision's ReLU(inplace=True) overwrites its input: a capture after the module saw post-ReLU values."""
+    import torchvision
+
+    from zeroshot_kd.objectives import build
+    from zeroshot_kd.objectives.runner import ObjectiveRunner
+
+    torch.manual_seed(0)
+    teacher = torchvision.models.resnet18(num_classes=10).eval().requires_grad_(False)
+    student = torchvision.models.resnet18(num_classes=10)
+    combo = build(["ofd"])
+    runner = ObjectiveRunner(combo, student, teacher)
+    obj = combo.items[0]
+    assert obj.t_keys[0] == "layer1.1.relu@in"
+    x = torch.randn(2, 3, 32, 32)
+    runner.setup(x)
+    teacher(x)
+    _, tf = runner.take_features()
+    runner.close()
+    with torch.no_grad():
+        h = teacher.maxpool(F.relu(teacher.bn1(teacher.conv1(x))))
+        h = teacher.layer1[0](h)
+        pre = _tv_block_preact(teacher.layer1[1], h)
+    assert pre.min().item() < -0.5                        # a real pre-activation has negative values
+    assert torch.allclose(tf["layer1.1.relu@in"], pre, atol=1e-5)
+
