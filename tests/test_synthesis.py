@@ -141,6 +141,37 @@ def test_adi_competition_term_counts(teacher):
     assert seen[-1]["total"] == pytest.approx(expected, rel=1e-5)
 
 
+def test_loss_terms_reach_the_host_only_when_read(teacher, tmp_path, monkeypatch):
+    """A .tolist() per iteration is a host sync on a GPU: the loop transfers the terms only when they are read
+    (synthesize's progress reads them every 10 iterations), and the final terms are the last iteration's."""
+    m = get_method("bns")
+    hp = m.hyperparameters({"iterations": 25, "warmup": 0})
+    cfg = SynthesisConfig("bns", 4, 4, 0, "balanced", hp)
+    seen: list[tuple[int, dict]] = []
+
+    def every_10(it: int, terms) -> None:
+        if it % 10 == 0 or it == 24:
+            seen.append((it, dict(terms)))
+
+    calls = [0]
+    tolist = torch.Tensor.tolist
+
+    def counting(self):
+        calls[0] += 1
+        return tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    res = optimize_batch(teacher.model, teacher.spec, m, cfg, 0, torch.device("cpu"), on_iteration=every_10)
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    assert calls[0] <= 6                     # iterations 0, 10, 20, 24 (+ the final terms): not one per iteration
+    assert [it for it, _ in seen] == [0, 10, 20, 24]
+    assert res.terms == seen[-1][1] and set(res.terms) == {"bn", "total"}
+    full: list[dict] = []
+    again = optimize_batch(teacher.model, teacher.spec, m, cfg, 0, torch.device("cpu"),
+                           on_iteration=lambda it, t: full.append(dict(t)))
+    assert [full[it] for it, _ in seen] == [t for _, t in seen] and again.terms == res.terms
+
+
 def test_best_images_are_kept_not_the_last_iterate(teacher):
     """With a huge learning rate the loss jumps around; the stored batch must be the tracked best, not the last."""
     m = get_method("bns")

@@ -13,9 +13,10 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -171,7 +172,7 @@ def optimize_batch(
     stages = [(hp["multires_iterations"], 2), (hp["iterations"], 1)] if hp["multires_iterations"] else [
         (hp["iterations"], 1)]
     x = x.clone().requires_grad_(True)
-    terms: dict[str, float] = {}
+    terms: Mapping[str, float] = {}
     best = BestTracker(x)
     # BN statistics only where a BN term is optimized: they cost passes over every BN input, forward and backward.
     with BNStatsHook(teacher if use_bn else nn.Identity()) as hook, deterministic_kernels(device):
@@ -216,14 +217,36 @@ def optimize_batch(
                 if hp["clip"]:
                     with torch.no_grad():
                         x.copy_(spec.clamp(x))
-                # One device-to-host transfer for all terms (a sync per term would stall a GPU queue each time).
-                values = torch.stack([v.detach() for v, _ in parts.values()] + [loss.detach()]).tolist()
-                terms = dict(zip([*parts, "total"], values))
+                # Read on demand: one device-to-host transfer for all terms, only when someone reads them.
+                terms = _LazyTerms([*parts, "total"], torch.stack([v.detach() for v, _ in parts.values()]
+                                                                  + [loss.detach()]))
                 if on_iteration is not None:
                     on_iteration(it, terms)
     # Without a CE term the targets never shaped the images: label them by the teacher instead.
-    return _finish(teacher, spec, best.x, targets_cpu, terms, float(best.score.mean()), device, cfg,
+    return _finish(teacher, spec, best.x, targets_cpu, dict(terms), float(best.score.mean()), device, cfg,
                    relabel=not weights["ce"])
+
+
+class _LazyTerms(Mapping):
+    """One iteration's loss terms as floats, copied to the host (a GPU sync) on the first read of a value, so a
+    progress display that reads them every 10 iterations syncs only then."""
+
+    def __init__(self, names: list[str], values: torch.Tensor) -> None:
+        self._names, self._values, self._floats = names, values, None
+
+    def _read(self) -> dict[str, float]:
+        if self._floats is None:
+            self._floats = dict(zip(self._names, self._values.tolist()))
+        return self._floats
+
+    def __getitem__(self, key: str) -> float:
+        return self._read()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 @torch.no_grad()
