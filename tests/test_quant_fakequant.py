@@ -190,3 +190,45 @@ def test_adaround_init_and_hard_rounding():
 def test_sqnr():
     assert sqnr_db(100.0, 1.0) == pytest.approx(20.0)
     assert sqnr_db(1.0, 0.0) == math.inf
+
+
+def _spy_rand(monkeypatch):
+    """Record (device asked for, generator's device) of every torch.rand call."""
+    calls = []
+    rand = torch.rand
+
+    def spy(*args, generator=None, device=None, **kw):
+        calls.append((None if device is None else torch.device(device), None if generator is None else
+                      generator.device))
+        return rand(*args, generator=generator, device=device, **kw)
+
+    monkeypatch.setattr(torch, "rand", spy)
+    return calls
+
+
+def test_qdrop_masks_are_drawn_on_the_tensors_device_and_seeded(monkeypatch):
+    q = FakeQuantizer(4, 0, 15, symmetric=True)
+    q.set_qparams(torch.tensor([0.1]))
+    x = torch.rand(3, 5, 4, generator=torch.Generator().manual_seed(0))
+    q.drop_prob = 0.5
+    calls = _spy_rand(monkeypatch)
+    q.drop_generator = torch.Generator(device=x.device).manual_seed(7)
+    out = q(x)
+    assert calls == [(x.device, x.device)]         # drawn where x lives, not on the CPU and copied
+    # the mask is the generator's stream: the same seed gives the same output; each element is x or its code
+    q.drop_generator = torch.Generator(device=x.device).manual_seed(7)
+    assert torch.equal(q(x), out)
+    keep_q = torch.rand(x.shape, generator=torch.Generator().manual_seed(7)) >= 0.5
+    q.drop_prob = 0.0
+    torch.testing.assert_close(out, torch.where(keep_q, q(x), x), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_qdrop_masks_with_a_cuda_generator():
+    q = FakeQuantizer(4, 0, 15, symmetric=True).cuda()
+    x = torch.rand(64, 8, device="cuda")
+    q.drop_prob = 0.5
+    q.drop_generator = torch.Generator(device="cuda").manual_seed(1)
+    a = q(x)
+    q.drop_generator = torch.Generator(device="cuda").manual_seed(1)
+    assert torch.equal(a, q(x))

@@ -139,6 +139,31 @@ def test_finetune_reduces_kd_loss_and_custom_loss(small_teacher):
     assert calls == [32, 32] and "mse" in hist[-1]
 
 
+def test_reconstruction_draws_qdrop_masks_on_its_device_and_is_deterministic(small_teacher, monkeypatch):
+    res = run(small_teacher, QuantConfig(4, 4), data="gaussian:32", num_images=32, holdout=0)
+    x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(8))
+    cfg = ReconConfig(iters=3, batch_size=8)
+    calls = []
+    rand = torch.rand
+
+    def spy(*args, generator=None, device=None, **kw):
+        calls.append((None if device is None else torch.device(device), None if generator is None else
+                      generator.device))
+        return rand(*args, generator=generator, device=device, **kw)
+
+    students = []
+    for _ in range(2):
+        student = copy.deepcopy(res.student)
+        monkeypatch.setattr(torch, "rand", spy)
+        reconstruct(student, res.fp_model, [x], torch.device("cpu"), cfg, seed=3, progress=False)
+        monkeypatch.setattr(torch, "rand", rand)
+        students.append(student.state_dict())
+    cpu = torch.device("cpu")
+    # every mask (block inputs and each activation quantizer) drawn on the run's device with a generator there
+    assert calls and all(c == (cpu, cpu) for c in calls), calls[:4]
+    assert all(torch.equal(students[0][k], students[1][k]) for k in students[0])
+
+
 def test_reconstruction_reduces_block_loss(small_teacher):
     res = run(small_teacher, QuantConfig(3, 3), data="gaussian:64", num_images=64, holdout=0)
     x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(8))
