@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -133,3 +134,29 @@ def test_unsupported_module_is_named():
         quantize_model(WithAttention(), QuantConfig())
     with pytest.raises(ZkdError, match=r"'0' \(Conv1d\)"):
         quantize_model(nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2)), QuantConfig())
+
+
+def test_layer_report_sqnr_against_direct_computation_with_in_place_activations():
+    """Output SQNR compares each layer's own output, even where an in-place ReLU consumes it right after."""
+    from zeroshot_kd.quant.report import layer_report
+
+    torch.manual_seed(0)
+    fp = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(inplace=True), nn.Conv2d(4, 3, 1), nn.ReLU(inplace=True),
+                       nn.Flatten(), nn.Linear(3 * 6 * 6, 5)).eval()
+    student = copy.deepcopy(fp)
+    quantize_model(student, QuantConfig(3, 3, keep_8bit=()))
+    x = torch.randn(8, 1, 8, 8)
+    calibrate_weights(student, "minmax")
+    calibrate_activations(student, [x], 1, torch.device("cpu"), method="minmax", progress=False)
+    rows = {r["layer"]: r for r in layer_report(student, fp, [x[:4], x[4:]], torch.device("cpu"))}
+    with torch.no_grad():
+        y_s0, y_f0 = student[0](x), fp[0](x)                   # pre-ReLU outputs, computed without in-place ops
+        assert y_f0.min() < 0
+        y_s2, y_f2 = student[2](y_s0.relu()), fp[2](y_f0.relu())
+        a_in = y_s0.relu()
+        a_hat = student[2].aq(a_in)
+    db = lambda ref, err: 10 * math.log10(ref.pow(2).sum().item() / err.pow(2).sum().item())  # noqa: E731
+    assert rows["0"]["out_sqnr_db"] == pytest.approx(db(y_f0, y_f0 - y_s0), rel=1e-5)
+    assert rows["2"]["out_sqnr_db"] == pytest.approx(db(y_f2, y_f2 - y_s2), rel=1e-5)
+    assert rows["2"]["a_sqnr_db"] == pytest.approx(db(a_in, a_in - a_hat), rel=1e-5)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in list(student.modules()) + list(fp.modules()))
