@@ -136,7 +136,6 @@ def test_two_process_ddp_distill_equals_one_process(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = (torch.load(p, weights_only=True) for p in (one, two))
-    moved = 0
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
     start, _ = build_student("cifar-resnet:8x2", load_teacher(), seed=5)

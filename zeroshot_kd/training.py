@@ -227,14 +227,14 @@ class _KDStep(nn.Module):
         self.student, self.objectives = student, objectives
         self._runner, self._device, self._precision = [runner], device, precision   # list: not a submodule
 
-    def forward(self, x: torch.Tensor, t_logits: torch.Tensor | None, fields: dict[str, Any]
+    def forward(self, x: torch.Tensor, t_logits: torch.Tensor | None, step_fields: dict[str, Any]
                 ) -> tuple[torch.Tensor, dict[str, float]]:
         with autocast(self._device, self._precision):
             s_logits = self.student(x)
         if t_logits is not None and s_logits.shape != t_logits.shape:
             raise ZkdError(f"student outputs {tuple(s_logits.shape[1:])} but the teacher {tuple(t_logits.shape[1:])}; "
                            "build the student for the teacher's classes")
-        batch = self._runner[0].make_batch(s_logits.float(), t_logits, x, **fields)
+        batch = self._runner[0].make_batch(s_logits.float(), t_logits, x, **step_fields)
         return self.objectives(batch)
 
 
@@ -281,7 +281,8 @@ def train_student(
         spec: the teacher's InputSpec (BSS keeps attacked inputs in its range).
         batches: ``batches(epoch) -> [[index, ...], ...]``, the global batches of one pass (the 1-process order);
             default :func:`shuffled_batches` with ``batch_generator(seed, epoch, f"{tag}-order")``. Every pass must
-            have the same number of batches.
+            have the same number of batches. Under torchrun, a global batch with fewer items (anchors) than ranks is
+            skipped (only a ragged last batch can be that small).
         pairs: the batches are ``anchors + partners`` (CS-KD): partners' logits become ``batch.pair_logits``.
         param_groups: optimizer groups of the student's parameters (a group may set its own ``lr``); default one
             group of every student parameter that requires grad. Their ``requires_grad`` is set for the run and
@@ -318,8 +319,6 @@ def train_student(
     if not first:
         raise ZkdError(f"{len(data)} items make no training batch of batch size {cfg.batch_size}; give more data")
     total_steps = cfg.steps if cfg.steps is not None else len(first) * cfg.epochs
-    if len(data) < 1:
-        raise ZkdError("the training data is empty")
 
     joined = init_process_group(device) if world > 1 else False
     was_training = student.training
@@ -414,6 +413,8 @@ def train_student(
                 local = [shard_batch(b, rank, world, pairs) for b in plan] if world > 1 else plan
                 loader = DataLoader(data, batch_sampler=local, num_workers=cfg.workers)
                 last_epoch = epoch + 1
+                if cfg.steps is None:
+                    bar.set_description(f"{tag} epoch {epoch + 1}/{cfg.epochs}", refresh=False)
                 for gb, (x, y) in zip(plan, loader):
                     if step >= total_steps:
                         break
