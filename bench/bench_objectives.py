@@ -2,7 +2,8 @@
 
 1. **W4A4 fine-tuning**: one calibrated W4A4 student (BN folded, Lp weight / MSE activation ranges, first/last
    layer 8-bit) is fine-tuned for ``FT_STEPS`` steps with ``kd`` alone and with ``kd`` + each feature/relation
-   objective (default weights), through ``make_loss_fn`` (connectors trained with ``own_lr``). Real Fashion-MNIST
+   objective (default weights), through ``zeroshot_kd.quant.finetune.finetune`` (the one training loop; connectors in
+   the same Adam at ``CONNECTOR_LR``). Real Fashion-MNIST
    test accuracy before and after.
 2. **FP student distillation**: a CIFAR ResNet-8 of width 8 (78k parameters; the teacher is ResNet-14 width 16,
    ~175k) trained from scratch with each objective for ``EPOCHS`` epochs on the same shards; real test accuracy
@@ -30,7 +31,6 @@ from common import NUM_IMAGES, markdown_table, shards, write_result  # noqa: E40
 from zeroshot_kd import load_teacher  # noqa: E402
 from zeroshot_kd.data import make_dataset  # noqa: E402
 from zeroshot_kd.distill import DistillConfig, build_student, distill, evaluate  # noqa: E402
-from zeroshot_kd.objectives import make_loss_fn  # noqa: E402
 from zeroshot_kd.runtime import resolve_device  # noqa: E402
 
 FT_STEPS = int(os.environ.get("ZKD_BENCH_FT_STEPS", 300))
@@ -55,7 +55,7 @@ def quant_section(teacher, data: str, test, device) -> tuple[str, list[list[obje
     from zeroshot_kd.quant.finetune import finetune
     from zeroshot_kd.quant.modules import QuantConfig
     from zeroshot_kd.quant.pipeline import CalibrationOptions, calibrate_student
-    from zeroshot_kd.runtime import batch_generator
+    from torch.utils.data import TensorDataset
 
     opts = CalibrationOptions(data=data, num_images=NUM_IMAGES, holdout=0, progress=False)
     base = calibrate_student(teacher, QuantConfig(4, 4), opts, device).student
@@ -63,23 +63,15 @@ def quant_section(teacher, data: str, test, device) -> tuple[str, list[list[obje
     xs = torch.stack([cal[i][0] for i in range(len(cal))])
     ys = torch.tensor([int(cal[i][1]) for i in range(len(cal))])
 
-    def loader(epoch: int):
-        perm = torch.randperm(len(xs), generator=batch_generator(0, epoch, "finetune"))
-        for i in range(0, len(xs) - 31, 32):
-            idx = perm[i:i + 32]
-            yield xs[idx], ys[idx]
-
     before = evaluate(base, teacher.model, test, device)
     rows = [["none (calibrated only)", pct(before.get("accuracy")), pct(before["agreement"]), "-", "-"]]
     print(rows[-1], file=sys.stderr, flush=True)
     for combo in [["kd"]] + [["kd", o] for o in FEATURE_OBJECTIVES]:
         student = copy.deepcopy(base)
-        fn = make_loss_fn(combo, student, teacher.model, example_inputs=xs[:2].to(device), spec=teacher.spec,
-                          total_steps=FT_STEPS, own_lr=1e-3)
         t0 = time.perf_counter()
-        hist = finetune(student, teacher.model, loader, FT_STEPS, lr=1e-4, device=device, loss_fn=fn, progress=False)
+        hist = finetune(student, teacher.model, TensorDataset(xs, ys), FT_STEPS, combo, lr=1e-4, batch_size=32,
+                        device=device, spec=teacher.spec, progress=False)
         secs = time.perf_counter() - t0
-        fn.close()
         ev = evaluate(student, teacher.model, test, device)
         rows.append([" + ".join(combo), pct(ev.get("accuracy")), pct(ev["agreement"]), f"{hist[-1]['loss']:.4g}",
                      f"{secs:.0f}"])

@@ -133,20 +133,14 @@ def command(data: str, num_images: int, holdout: int, eval_data: str | None, eva
     echo(f"teacher: {teacher.source.get('kind')} {teacher.source.get('spec')}, input {teacher.spec.shape}; "
          f"device {dev}")
     echo(f"convention: {config.convention()}")
-    loss_fn = None
-    if objectives:
-        from zeroshot_kd.objectives import make_loss_fn
-
-        loss_fn = make_loss_fn(list(objectives), spec=teacher.spec, seed=seed, total_steps=finetune_steps,
-                               own_lr=1e-3)
-    result = calibrate_student(teacher, config, opts, dev, loss_fn=loss_fn)
+    result = calibrate_student(teacher, config, opts, dev, objectives=list(objectives) or None)
     calibration = {k: v for k, v in result.report["settings"].items() if k not in ("device",)}
     save_student(out_path, result.student, config, result.layers, teacher, result.folded,
                  architecture_record(teacher), calibration)
     atomic_write_json(rdir / "report.json", result.report)
     atomic_write_bytes(rdir / "report.md", render_markdown(result.report).encode())
     s = result.summary
-    line = (f"W{config.w_bits}A{config.a_bits}: held-out agreement {s['heldout_agreement']:.2f}%, "
+    line = (f"W{config.w_bits}A{config.a_bits}: {s['agreement_label']} {s['heldout_agreement']:.2f}%, "
             f"KL {s['heldout_kl']:.4f}")
     if "student_top1" in s and s["student_top1"] is not None:
         line += f"; {eval_data} top-1 teacher {s['teacher_top1']:.2f}% student {s['student_top1']:.2f}%"

@@ -1,4 +1,4 @@
-"""Registry, spec parsing, error messages, layer addressing, weighting, gradients and the calibrate loss_fn."""
+"""Registry, spec parsing, error messages, layer addressing, weighting, gradients, and the runner + training loop."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from zeroshot_kd.errors import ZkdError
 from zeroshot_kd.models import cifar_resnet
-from zeroshot_kd.objectives import KDBatch, build, describe, get, make_loss_fn, names, parse_spec
+from zeroshot_kd.objectives import KDBatch, ObjectiveRunner, build, describe, get, names, parse_spec
 from zeroshot_kd.objectives.capture import FeatureCapture, resolve_layers
 
 
@@ -112,29 +112,33 @@ def test_gradients_reach_the_student_only():
     teacher = cifar_resnet(8, 8)          # deliberately NOT frozen: the objectives must detach its outputs
     teacher.eval()
     x = torch.randn(8, 1, 28, 28)
-    fn = make_loss_fn(CALIBRATE_SPECS, student, teacher, example_inputs=x)
+    objset = build(CALIBRATE_SPECS)
+    runner = ObjectiveRunner(objset, student, teacher)
+    runner.setup(x)
     t = teacher(x)                        # with grad, as a careless caller might
     s = student(x)
-    loss, terms = fn(s, t, x, torch.full((8,), -1))
+    loss, terms = objset(runner.make_batch(s, t, x, torch.full((8,), -1)))
     assert set(CALIBRATE_SPECS[i].split(":")[0] for i in range(len(CALIBRATE_SPECS))) <= set(terms)
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
-    assert fn.parameters() and all(p.grad is not None for p in fn.parameters())   # connectors train too
-    fn.close()
+    extra = list(runner.extra_parameters())
+    assert extra and all(p.grad is not None for p in extra)   # connectors train too
+    runner.close()
     assert not any(m._forward_hooks for m in student.modules())
     assert not any(m._forward_hooks for m in teacher.modules())
 
 
-def test_loss_fn_reruns_the_teacher_when_its_features_are_stale():
+def test_runner_reruns_the_teacher_when_its_features_are_stale():
     torch.manual_seed(0)
     student, teacher = cifar_resnet(8, 4), cifar_resnet(8, 8).eval().requires_grad_(False)
     x1, x2 = torch.randn(6, 1, 28, 28), torch.randn(6, 1, 28, 28)
-    fn = make_loss_fn(["sp:weight=1"], student, teacher)
+    objset = build(["sp:weight=1"])
+    runner = ObjectiveRunner(objset, student, teacher)
     t2 = teacher(x2)
     teacher(x1)                           # a cached-logits caller: the last teacher forward was another batch
     s2 = student(x2)
-    loss, _ = fn(s2, t2, x2, None)
+    loss, _ = objset(runner.make_batch(s2, t2, x2))
     feats = {}
     with torch.no_grad():
         h1 = student.layer3.register_forward_hook(lambda m, a, o: feats.__setitem__("s", o))
@@ -146,44 +150,57 @@ def test_loss_fn_reruns_the_teacher_when_its_features_are_stale():
     from zeroshot_kd.objectives.relation import sp_loss
 
     assert loss.item() == pytest.approx(sp_loss(feats["s"], feats["t"]).item(), rel=1e-5)
-    fn.close()
+    runner.close()
 
 
-def test_make_loss_fn_rejects_loop_only_objectives():
-    student, teacher = cifar_resnet(8, 4), cifar_resnet(8, 8)
+def test_calibrate_fine_tuning_rejects_loop_only_objectives():
+    from zeroshot_kd.quant.finetune import finetune_objectives
+
     for spec in ("cskd", "kdcl"):
         with pytest.raises(ZkdError, match="zkd distill"):
-            make_loss_fn([spec], student, teacher)
+            finetune_objectives([spec])
+    assert [o.name for o in finetune_objectives(None, 3.0).items] == ["kd"]
+    assert finetune_objectives(None, 3.0).items[0].params["T"] == 3.0
 
 
-def test_loss_fn_unbound_logit_objectives_and_late_binding():
-    s = torch.randn(4, 10, dtype=torch.float64)
-    t = torch.randn(4, 10, dtype=torch.float64)
-    fn = make_loss_fn(["kd:T=2", "ce:weight=0.5"])
-    loss, terms = fn(s, t, torch.zeros(4, 1, 8, 8), torch.tensor([1, 2, 3, 4]))
-    expected = 4 * F.kl_div(F.log_softmax(s / 2, 1), F.softmax(t / 2, 1), reduction="batchmean") + \
-        0.5 * F.cross_entropy(s, torch.tensor([1, 2, 3, 4]))
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
-    late = make_loss_fn(["kd", "ofd"])
-    with pytest.raises(ZkdError, match="bind"):
-        late(s, t, torch.zeros(4, 1, 8, 8), None)
+def test_runner_builds_connectors_from_the_dry_run():
     student, teacher = cifar_resnet(8, 4), cifar_resnet(8, 8).eval().requires_grad_(False)
-    late.bind(student, teacher, torch.randn(2, 1, 16, 16))
-    assert len(late.parameters()) == 9          # three connectors: conv weight + BN weight and bias each
+    runner = ObjectiveRunner(build(["kd", "ofd"]), student, teacher)
+    assert not runner.ready and list(runner.extra_parameters()) == []
+    runner.setup(torch.randn(2, 1, 16, 16))
+    assert len(list(runner.extra_parameters())) == 9   # three connectors: conv weight + BN weight and bias each
     x = torch.randn(4, 1, 16, 16)
-    loss, terms = late(student(x), teacher(x), x, None)
+    loss, terms = runner.objectives(runner.make_batch(student(x), teacher(x), x))
     assert terms["ofd"] > 0
-    late.close()
+    runner.close()
 
 
-def test_loss_fn_own_lr_trains_the_connectors():
+def test_training_loop_trains_the_connectors_in_the_same_optimizer():
+    from torch.utils.data import TensorDataset
+
+    from zeroshot_kd.training import TrainConfig, train_student
+
     torch.manual_seed(0)
     student, teacher = cifar_resnet(8, 4), cifar_resnet(8, 8).eval().requires_grad_(False)
-    x = torch.randn(4, 1, 16, 16)
-    fn = make_loss_fn(["ofd"], student, teacher, example_inputs=x, own_lr=0.1)
-    before = [p.detach().clone() for p in fn.parameters()]
-    for _ in range(2):
-        loss, _ = fn(student(x), teacher(x), x, None)
-        loss.backward()
-    assert all(not torch.equal(a, p) for a, p in zip(before, fn.parameters()))
-    fn.close()
+    objset = build(["ofd"])
+    data = TensorDataset(torch.randn(8, 1, 16, 16), torch.full((8,), -1))
+    cfg = TrainConfig(steps=2, batch_size=4, lr=0.1, optimizer="adam", weight_decay=0.0, schedule="constant")
+    seen: list = []
+    orig = torch.optim.AdamW.__init__
+
+    def spy(self, params, *a, **k):
+        seen.append(params)
+        orig(self, params, *a, **k)
+
+    torch.optim.AdamW.__init__ = spy
+    snapshots: list = []
+    try:
+        result = train_student(student, teacher, data, objset, cfg, progress=False, after_step=lambda: snapshots.append(
+            [p.detach().clone() for p in objset.parameters() if p.requires_grad]))
+    finally:
+        torch.optim.AdamW.__init__ = orig
+    connectors = [p for p in objset.parameters() if p.requires_grad]   # built by the loop's dry run
+    assert result.steps == 2 and len(connectors) == 9 and len(seen) == 1
+    ids = {id(p) for g in seen[0] for p in g["params"]}
+    assert {id(p) for p in connectors} <= ids and {id(p) for p in student.parameters()} <= ids   # one optimizer
+    assert all(not torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[1]))   # the 2nd step moved them

@@ -10,7 +10,9 @@ import torch
 
 from zeroshot_kd.data import FASHION_MNIST_SPEC
 from zeroshot_kd.errors import ZkdError
-from zeroshot_kd.quant.finetune import finetune, kd_loss
+from zeroshot_kd.objectives import Objective, ObjectiveSet, build
+from zeroshot_kd.objectives.base import KDBatch
+from zeroshot_kd.quant.finetune import finetune
 from zeroshot_kd.quant.modules import QuantConfig, quant_layers
 from zeroshot_kd.quant.recon import ReconConfig, reconstruct
 from zeroshot_kd.quant.pipeline import CalibrationOptions, calibrate_student
@@ -111,31 +113,42 @@ def test_activation_grids_follow_sign(small_teacher):
 
 
 def test_finetune_reduces_kd_loss_and_custom_loss(small_teacher):
+    from torch.utils.data import TensorDataset
+
     res = run(small_teacher, QuantConfig(3, 3))
     x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(4))
     y = torch.zeros(32, dtype=torch.long)
-    loss = kd_loss(4.0)
+    loss = build(["kd:T=4"])          # finetune's default objective
+
+    def kd(s_logits, t_logits):
+        return loss(KDBatch(student_logits=s_logits, teacher_logits=t_logits))[0].item()
+
     with torch.no_grad():
         t_logits = small_teacher.model(x)
-        before = loss(res.student(x), t_logits, x, y)[0].item()
-    hist = finetune(res.student, small_teacher.model, [(x, y)], steps=30, lr=3e-3, log_every=10, progress=False)
+        before = kd(res.student(x), t_logits)
+    hist = finetune(res.student, small_teacher.model, TensorDataset(x, y), steps=30, lr=3e-3, batch_size=32,
+                    log_every=10, progress=False)
     with torch.no_grad():
-        after = loss(res.student(x), t_logits, x, y)[0].item()
+        after = kd(res.student(x), t_logits)
     assert after < before and len(hist) == 3 and hist[-1]["step"] == 30
+    assert not res.student.training and not any(p.requires_grad for p in res.student.parameters())
     # the documented default: T^2 * KL(p_t^T || p_s^T), batchmean
     s = torch.randn(4, 10, generator=torch.Generator().manual_seed(5))
     t = torch.randn(4, 10, generator=torch.Generator().manual_seed(6))
     pt, ps = torch.softmax(t / 4, 1), torch.softmax(s / 4, 1)
     expected = 16 * (pt * (pt.log() - ps.log())).sum(1).mean()
-    assert loss(s, t, s, y[:4])[0].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert kd(s, t) == pytest.approx(expected.item(), rel=1e-5)
     calls = []
 
-    def custom(s_logits, t_logits, inputs, targets):
-        calls.append(inputs.shape[0])
-        return (s_logits - t_logits).pow(2).mean(), {"mse": 0.0}
+    class MSE(Objective):
+        name = "mse"
 
-    hist = finetune(copy.deepcopy(res.student), small_teacher.model, [(x, y)], steps=2, loss_fn=custom,
-                    progress=False)
+        def forward(self, batch):
+            calls.append(batch.inputs.shape[0])
+            return (batch.student_logits - batch.teacher_logits).pow(2).mean()
+
+    hist = finetune(copy.deepcopy(res.student), small_teacher.model, TensorDataset(x, y), steps=2,
+                    objectives=ObjectiveSet([MSE()]), batch_size=32, progress=False)
     assert calls == [32, 32] and "mse" in hist[-1]
 
 

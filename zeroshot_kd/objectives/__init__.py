@@ -6,7 +6,9 @@ Usage::
     rkd = objectives.get("rkd", weight=1.0)             # an Objective (nn.Module)
     loss = rkd(KDBatch(student_logits=..., teacher_logits=..., student_features=..., teacher_features=...))
     combo = objectives.build(["kd:T=4", "rkd:weight=1.0"])  # ObjectiveSet: (loss, terms) = combo(batch)
-    loss_fn = objectives.make_loss_fn(["kd:T=4", "sp"], student, teacher, example_inputs=x)  # for calibrate
+
+Training with them (hooks, the objectives' own parameters in the optimizer, epochs):
+:func:`zeroshot_kd.training.train_student`, the one loop behind ``zkd distill`` and ``zkd calibrate``.
 
 Every objective has the one call signature ``objective(batch: KDBatch) -> Tensor`` (unweighted scalar); an
 :class:`ObjectiveSet` multiplies by each ``weight`` and sums. The formulas, defaults and reduction choices are in
@@ -24,10 +26,10 @@ from .collaborative import KDCL
 from .feature import FSP, OFD
 from .logit import CE, CSKD, KD, LabelSmoothing, TfKDReg, TfKDSelf
 from .relation import IFM, PKT, RKD, SP
-from .runner import LossFn, ObjectiveRunner, make_loss_fn
+from .runner import ObjectiveRunner
 
-__all__ = ["KDBatch", "LossFn", "Objective", "ObjectiveRunner", "ObjectiveSet", "Param", "REGISTRY", "build",
-           "describe", "get", "make_loss_fn", "names", "parse_spec"]
+__all__ = ["KDBatch", "Objective", "ObjectiveRunner", "ObjectiveSet", "Param", "REGISTRY", "build", "describe", "get",
+           "names", "parse_spec"]
 
 REGISTRY: dict[str, type[Objective]] = {
     cls.name: cls for cls in (KD, CE, LabelSmoothing, TfKDReg, TfKDSelf, CSKD, KDCL, BSS, SP, RKD, FSP, OFD, IFM, PKT)

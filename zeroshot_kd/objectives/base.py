@@ -158,7 +158,7 @@ class Objective(nn.Module):
         default_weight: the reference code's weight of this term in the total loss.
         needs_teacher: whether ``batch.teacher_logits`` must be present.
         needs_pairs: the training loop must provide ``batch.pair_logits`` (CS-KD).
-        needs_loop: cannot run inside a foreign fine-tuning loop (``make_loss_fn``).
+        needs_loop: needs ``zkd distill``'s recipe (pair sampler, peer networks); calibrate fine-tuning refuses it.
     """
 
     name: ClassVar[str] = ""

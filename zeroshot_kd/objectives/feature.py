@@ -198,7 +198,7 @@ class OFD(FeatureObjective):
     def forward(self, batch: KDBatch) -> torch.Tensor:
         if not len(self.connectors):
             raise ZkdError("objective ofd was not set up (its connectors are built from a dry run); use "
-                           "make_loss_fn(..., example_inputs=...) or zkd distill")
+                           "ObjectiveRunner.setup(example_inputs) or zeroshot_kd.training.train_student")
         pairs = self.pairs(batch)
         n = len(pairs)
         total = torch.zeros((), device=batch.student_logits.device)

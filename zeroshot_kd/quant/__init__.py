@@ -2,7 +2,7 @@
 KD fine-tuning, student files and reports (``zkd calibrate``)."""
 
 from .fakequant import FakeQuantizer, int_range, sqnr_db
-from .finetune import finetune, kd_loss
+from .finetune import finetune
 from .fold import fold_bn
 from .modules import LayerConfig, QuantConfig, QuantConv2d, QuantLinear, quant_layers, quantize_model
 from .student import load_student, save_student
@@ -16,7 +16,6 @@ __all__ = [
     "finetune",
     "fold_bn",
     "int_range",
-    "kd_loss",
     "load_student",
     "quant_layers",
     "quantize_model",

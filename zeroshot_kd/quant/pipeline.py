@@ -9,8 +9,11 @@ Steps:
 3. Weight ranges: per-channel Lp (p = 2.4) clipping search. Activation ranges: per-tensor search on the
    calibration batches, then fixed.
 4. Optional ``recon`` (block reconstruction with AdaRound + learned activation steps, QDrop) and/or
-   ``finetune_steps`` of KD fine-tuning (weights + step sizes, default ``T^2``-scaled KL at T = 4).
-5. Report: per-layer table, teacher-student agreement/KL on held-out images, optional real-data accuracy, timing.
+   ``finetune_steps`` of KD fine-tuning (weights + step sizes, default ``T^2``-scaled KL at T = 4) through the
+   one training loop (:func:`zeroshot_kd.quant.finetune.finetune`).
+5. Report: per-layer table, teacher-student agreement/KL on held-out images (when ``--data`` has no images beyond
+   the calibration set, on calibration images, and then labelled "calibration-set agreement (no held-out
+   images)"), optional real-data accuracy, timing.
 """
 
 from __future__ import annotations
@@ -18,22 +21,22 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from ..data import make_dataset
 from ..errors import ZkdError
 from ..evaluate import evaluate_model
-from ..runtime import batch_generator
+from ..objectives import ObjectiveSet
 from .calibrate import calibrate_activations, calibrate_weights
-from .finetune import DEFAULT_TEMPERATURE, LossFn, finetune
+from .finetune import DEFAULT_TEMPERATURE, finetune, finetune_objectives
 from .fold import fold_bn
 from .modules import LayerConfig, QuantConfig, check_supported, quantize_model
 from .recon import ReconConfig, reconstruct
-from .report import global_metrics, layer_report
+from .report import CALIBRATION_SET_AGREEMENT, global_metrics, layer_report
 
 __all__ = ["CalibrationOptions", "CalibrationResult", "calibrate_student", "check_data_teacher", "data_kind"]
 
@@ -128,7 +131,7 @@ def _batches(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 
 def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOptions, device: torch.device,
-                      loss_fn: LossFn | None = None) -> CalibrationResult:
+                      objectives: Sequence[str] | ObjectiveSet | None = None) -> CalibrationResult:
     """Build, calibrate and optionally reconstruct / fine-tune a fake-quantized student of ``teacher``.
 
     Args:
@@ -136,13 +139,14 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
         config: bits, grids and the 8-bit convention.
         opts: data, range-search methods, reconstruction and fine-tuning settings.
         device: where to run.
-        loss_fn: fine-tuning objective ``(s_logits, t_logits, inputs, targets) -> (loss, terms)``; default KD.
+        objectives: fine-tuning objectives (spec strings or an ObjectiveSet); default ``kd:T=opts.temperature``.
 
     Returns:
         The student (eval mode), its float folded reference, per-layer configs, folded pairs and the report dict.
     """
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
+    objset = finetune_objectives(objectives, opts.temperature) if opts.finetune_steps > 0 else None
     check_data_teacher(opts.data, teacher)
     ds = make_dataset(opts.data, teacher.spec, num_images=opts.num_images + opts.holdout, seed=opts.seed,
                       verify=data_kind(opts.data)[0] == "shards")
@@ -191,21 +195,9 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
     ft_hist: list[dict] = []
     if opts.finetune_steps > 0:
         t = time.perf_counter()
-
-        def loader(epoch: int):
-            perm = torch.randperm(n_cal, generator=batch_generator(opts.seed, epoch, "finetune"))
-            for i in range(0, n_cal - opts.batch_size + 1 if n_cal >= opts.batch_size else 1, opts.batch_size):
-                idx = perm[i:i + opts.batch_size]
-                yield cal_x[idx], cal_y[idx]
-
-        if hasattr(loss_fn, "bind"):  # objectives with hooks / connectors (zeroshot_kd.objectives.make_loss_fn)
-            loss_fn.bind(student, teacher.model, cal_x[:2].to(device))
-        try:
-            ft_hist = finetune(student, teacher.model, loader, opts.finetune_steps, opts.lr, opts.scale_lr, device,
-                               opts.precision, loss_fn, opts.temperature, opts.progress)
-        finally:
-            if hasattr(loss_fn, "close"):
-                loss_fn.close()
+        ft_hist = finetune(student, teacher.model, TensorDataset(cal_x, cal_y), opts.finetune_steps, objset,
+                           lr=opts.lr, scale_lr=opts.scale_lr, batch_size=opts.batch_size, seed=opts.seed,
+                           device=device, precision=opts.precision, spec=teacher.spec, progress=opts.progress)
         timing["finetune"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -229,8 +221,9 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
     settings = {k: v for k, v in asdict(opts).items() if k != "progress"}
     settings.update(calibration_images=n_cal, heldout_images=int(hold_x.shape[0]) if separate else 0,
                     device=str(device), torch=torch.__version__, teacher_sha256=teacher.weights_sha256,
-                    finetune_loss=(" + ".join(getattr(loss_fn, "specs", [])) or "custom" if loss_fn is not None
-                                   else f"T^2 KL, T={opts.temperature}"),
+                    finetune_loss=(f"T^2 KL, T={opts.temperature}" if not objectives else
+                                   " + ".join(map(str, objectives)) if not isinstance(objectives, ObjectiveSet)
+                                   else " + ".join(objectives.keys)),
                     bn_folded=len(folded))
     report = {
         "config": {**config.to_dict(), "convention": config.convention()},
@@ -238,6 +231,7 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
         "teacher": teacher.to_dict(),
         "heldout": heldout,
         "heldout_is_separate": separate,
+        "agreement_label": "held-out agreement" if separate else CALIBRATION_SET_AGREEMENT,
         "eval": evaluation,
         "layers": rows,
         "recon": recon_hist,
@@ -246,6 +240,7 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
     }
     summary = {"convention": config.convention(), "w_bits": config.w_bits, "a_bits": config.a_bits,
                "calibration_images": n_cal, "heldout_agreement": heldout["agreement"], "heldout_kl": heldout["kl"],
+               "agreement_label": "held-out agreement" if separate else CALIBRATION_SET_AGREEMENT,
                "seconds": timing["total"]}
     if evaluation:
         summary.update(eval_data=opts.eval_data, teacher_top1=evaluation["teacher"]["top1"],

@@ -14,15 +14,18 @@ import math
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from ..capture import Capture
-from ..runtime import autocast
+from ..evaluate import evaluate_model
 from .fakequant import sqnr_db
 from .modules import quant_layers
 
-__all__ = ["global_metrics", "layer_report", "render_markdown"]
+__all__ = ["CALIBRATION_SET_AGREEMENT", "global_metrics", "layer_report", "render_markdown"]
+
+# What the agreement is called when --data had no images beyond the calibration set (so none were held out).
+CALIBRATION_SET_AGREEMENT = "calibration-set agreement (no held-out images)"
 
 
 def _fmt(v: Any, nd: int = 2) -> str:
@@ -106,18 +109,9 @@ def layer_report(student: nn.Module, fp_model: nn.Module, batches: Sequence[torc
     return rows
 
 
-@torch.no_grad()
-def _logits(model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device, precision: str) -> torch.Tensor:
-    out = []
-    for x in batches:
-        with autocast(device, precision):
-            out.append(model(x.to(device)).float().cpu())
-    return torch.cat(out)
-
-
-def _compare(t: torch.Tensor, s: torch.Tensor) -> dict[str, float]:
-    kl = F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), reduction="batchmean", log_target=True).item()
-    return {"agreement": 100.0 * (t.argmax(1) == s.argmax(1)).float().mean().item(), "kl": kl,
+def _compare(res: dict[str, Any]) -> dict[str, float]:
+    t, s = res["teacher_logits"], res["logits"]
+    return {"agreement": res["agreement"], "kl": res["kl"],
             "logit_sqnr_db": sqnr_db(t.pow(2).sum().item(), (t - s).pow(2).sum().item())}
 
 
@@ -125,16 +119,24 @@ def _compare(t: torch.Tensor, s: torch.Tensor) -> dict[str, float]:
 def global_metrics(student: nn.Module, teacher: nn.Module, batches: Sequence[torch.Tensor], device: torch.device,
                    precision: str = "fp32") -> dict[str, Any]:
     """Teacher-student agreement (%), KL(p_t || p_s) and logit SQNR on ``batches``; also weight-only and
-    activation-only quantization (the sensitivity split)."""
-    t = _logits(teacher, batches, device, precision)
-    out = {"images": int(t.shape[0]), **_compare(t, _logits(student, batches, device, precision))}
+    activation-only quantization (the sensitivity split). Agreement and KL come from the one evaluator,
+    :func:`zeroshot_kd.evaluate.evaluate_model`."""
+    x = torch.cat(list(batches))
+    data = TensorDataset(x, torch.full((x.shape[0],), -1, dtype=torch.long))
+    size = max(1, batches[0].shape[0]) if len(batches) else 1
+
+    def compare() -> dict[str, float]:
+        return _compare(evaluate_model(student, data, device, size, teacher, precision, progress=False,
+                                       return_logits=True))
+
+    out = {"images": int(x.shape[0]), **compare()}
     layers = [m for _, m in quant_layers(student)]
     for label, attr in (("weights_only", "aq"), ("activations_only", "wq")):
         qs = [getattr(m, attr) for m in layers if getattr(m, attr) is not None]
         for q in qs:
             q.enabled = False
         try:
-            out[label] = _compare(t, _logits(student, batches, device, precision))
+            out[label] = compare()
         finally:
             for q in qs:
                 q.enabled = True
@@ -148,8 +150,9 @@ def render_markdown(report: dict[str, Any]) -> str:
              "## Configuration", "", "| key | value |", "|---|---|"]
     for k, v in report["settings"].items():
         lines.append(f"| {k} | {_fmt(v) if not isinstance(v, (dict, list)) else v} |")
-    which = "held-out" if report["heldout_is_separate"] else "calibration (no held-out images left)"
-    lines += ["", f"## Teacher vs student on {g['images']} {which} images of `{report['settings']['data']}`", "",
+    which = (f"held-out agreement on {g['images']} held-out images" if report["heldout_is_separate"] else
+             f"{CALIBRATION_SET_AGREEMENT} on {g['images']} calibration images")
+    lines += ["", f"## Teacher vs student: {which} of `{report['settings']['data']}`", "",
               "| quantized | top-1 agreement % | KL(t‖s) | logit SQNR dB |", "|---|---|---|---|"]
     for label, d in (("weights + activations", g), ("weights only", g["weights_only"]),
                      ("activations only", g["activations_only"])):

@@ -1,0 +1,197 @@
+"""The one KD training loop (``zeroshot_kd.training``): budgets, records, epochs, one SGD step by hand, sharding,
+checkpoint format; and calibrate's fine-tuning through it (epochs advance, the held-out label)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from cli.main import cli
+from zeroshot_kd.errors import ZkdError
+from zeroshot_kd.objectives import Objective, ObjectiveSet, build
+from zeroshot_kd.training import (CHECKPOINT_FORMAT, TrainConfig, read_checkpoint, shard_batch, shuffled_batches,
+                                  train_student, write_checkpoint)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class EpochSpy(Objective):
+    """Records the epoch/step of every batch and every set_epoch call; loss = mean squared logit gap."""
+
+    name = "spy"
+    needs_teacher = True
+
+    def check(self) -> None:
+        self.seen: list[tuple[int, int]] = []
+        self.set_epochs: list[int] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.set_epochs.append(epoch)
+
+    def forward(self, batch):
+        self.seen.append((batch.epoch, batch.step))
+        return (batch.student_logits - batch.teacher_logits.detach()).pow(2).mean()
+
+
+def _linear_pair(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(12, 5))
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(12, 5)).eval().requires_grad_(False)
+    return student, teacher
+
+
+def test_shard_batch_splits_contiguously_and_pairs_alike():
+    assert [shard_batch(list(range(5)), r, 2) for r in range(2)] == [[0, 1, 2], [3, 4]]
+    assert [shard_batch(list(range(7)), r, 3) for r in range(3)] == [[0, 1, 2], [3, 4], [5, 6]]
+    batch = [10, 11, 12, 20, 21, 22]             # anchors 10..12, their partners 20..22
+    assert [shard_batch(batch, r, 2, pairs=True) for r in range(2)] == [[10, 11, 20, 21], [12, 22]]
+    assert sum((shard_batch(list(range(9)), r, 4) for r in range(4)), []) == list(range(9))
+
+
+def test_shuffled_batches_drop_rules():
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(0)).tolist()
+    assert shuffled_batches(10, 4, g) == [order[0:4], order[4:8], order[8:10]]
+    g = torch.Generator().manual_seed(0)
+    assert shuffled_batches(10, 4, g, drop_last=True) == [order[0:4], order[4:8]]
+    assert shuffled_batches(9, 4, torch.Generator().manual_seed(0)) == [b for b in [
+        torch.randperm(9, generator=torch.Generator().manual_seed(0)).tolist()[i:i + 4] for i in (0, 4, 8)]
+        if len(b) >= 2]
+    assert len(shuffled_batches(3, 8, torch.Generator().manual_seed(0), drop_last=True)[0]) == 3
+
+
+def test_config_validates_and_round_trips():
+    cfg = TrainConfig(steps=7, lr=0.1, optimizer="adam", log_every=3, freeze_bn=True, objective_lr=1e-3)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert TrainConfig.from_dict({"epochs": 2}) == TrainConfig(epochs=2)      # older records: defaults
+    for bad, needle in [({"optimizer": "lion"}, "unknown optimizer"), ({"schedule": "step"}, "unknown schedule"),
+                        ({"epochs": 0}, "--epochs"), ({"steps": 0}, "--steps"), ({"lr": 0}, "--lr")]:
+        with pytest.raises(ZkdError, match=needle):
+            TrainConfig(**bad)
+    with pytest.raises(ZkdError, match="unknown training option"):
+        TrainConfig.from_dict({"epochz": 1})
+
+
+def test_step_budget_records_and_epochs_advance():
+    student, teacher = _linear_pair()
+    spy = EpochSpy()
+    data = TensorDataset(torch.randn(8, 1, 3, 4), torch.full((8,), -1))
+    cfg = TrainConfig(steps=5, batch_size=4, lr=0.01, schedule="constant", log_every=2)
+    result = train_student(student, teacher, data, ObjectiveSet([spy]), cfg, progress=False, initial_record=False)
+    # 2 batches per pass: steps 0,1 in epoch 0; 2,3 in epoch 1; 4 in epoch 2
+    assert spy.seen == [(0, 0), (0, 1), (1, 2), (1, 3), (2, 4)]
+    assert spy.set_epochs == [0, 1, 2]
+    assert [(r["epoch"], r["step"]) for r in result.records] == [(1, 2), (2, 4), (3, 5)]
+    assert all(r["lr"] == 0.01 for r in result.records) and result.steps == 5 and student.training
+
+
+def test_one_step_equals_nesterov_sgd_by_hand():
+    student, teacher = _linear_pair(1)
+    start = [p.detach().clone() for p in student.parameters()]
+    x = torch.randn(6, 1, 3, 4, generator=torch.Generator().manual_seed(2))
+    cfg = TrainConfig(steps=1, batch_size=6, lr=0.5, weight_decay=0.01, schedule="constant")
+    train_student(student, teacher, TensorDataset(x, torch.full((6,), -1)), ["kd:T=2"], cfg, progress=False)
+    ref, _ = _linear_pair(1)
+    s, t = ref(x), teacher(x)
+    loss = 4 * F.kl_div(F.log_softmax(s / 2, 1), F.softmax(t / 2, 1), reduction="batchmean")
+    grads = torch.autograd.grad(loss, list(ref.parameters()))
+    for p0, g, p in zip(start, grads, student.parameters()):
+        d = g + 0.01 * p0                      # L2 weight decay; first step: buffer = d, nesterov: d + 0.9 d
+        torch.testing.assert_close(p.detach(), p0 - 0.5 * 1.9 * d, rtol=1e-5, atol=1e-6)
+
+
+def test_cosine_schedule_reaches_zero_and_param_groups_keep_their_lr():
+    student, teacher = _linear_pair()
+    data = TensorDataset(torch.randn(8, 1, 3, 4), torch.full((8,), -1))
+    w, b = student[1].weight, student[1].bias
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=0.2, schedule="cosine", log_every=1)
+    result = train_student(student, teacher, data, ["kd"], cfg, progress=False, initial_record=False,
+                           param_groups=[{"params": [w]}, {"params": [b], "lr": 7.0}])
+    lrs = [r["lr"] for r in result.records]
+    expected = [0.2 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / 4)).item()) for s in range(1, 5)]
+    assert lrs == pytest.approx(expected, abs=1e-6) and lrs[-1] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_checkpoint_format_and_old_checkpoints(tmp_path):
+    model = nn.Linear(3, 2)
+    write_checkpoint(tmp_path / "new.pt", model, {"epoch": 2})
+    state, meta = read_checkpoint(tmp_path / "new.pt")
+    assert meta == {"format": CHECKPOINT_FORMAT, "format_version": 1, "epoch": 2}
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    torch.save({"model": model.state_dict(), "zkd": {"kind": "distilled-student", "epoch": 1}}, tmp_path / "old.pt")
+    state, meta = read_checkpoint(tmp_path / "old.pt")
+    assert meta["format_version"] == 0 and meta["epoch"] == 1 and set(state) == {"weight", "bias"}
+    obj = torch.load(tmp_path / "new.pt", weights_only=True)
+    obj["zkd"]["format_version"] = 2
+    torch.save(obj, tmp_path / "future.pt")
+    with pytest.raises(ZkdError, match="unknown distill checkpoint format version 2"):
+        read_checkpoint(tmp_path / "future.pt")
+
+
+def test_old_and_new_distill_checkpoints_load_as_teachers(tmp_path):
+    from zeroshot_kd import load_teacher
+    from zeroshot_kd.models import cifar_resnet
+
+    card = {"architecture": {"builder": "zeroshot_kd.models:cifar_resnet", "depth": 8, "width": 2,
+                             "in_channels": 1, "num_classes": 10},
+            "input_spec": {"channels": 1, "image_size": 8, "mean": [0.5], "std": [0.5], "num_classes": 10}}
+    torch.manual_seed(0)
+    net = cifar_resnet(8, 2, in_channels=1, num_classes=10)
+    torch.save({"model": net.state_dict(), "zkd": {"kind": "distilled-student"}}, tmp_path / "old.pt")
+    write_checkpoint(tmp_path / "new.pt", net, {"kind": "distilled-student"})
+    x = torch.randn(2, 1, 8, 8)
+    for name in ("old", "new"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(card))
+        loaded = load_teacher(str(tmp_path / f"{name}.pt"))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.model(x), net.eval()(x))
+
+
+def test_calibrate_fine_tuning_advances_the_objectives_epoch(small_net):
+    """Defect: calibrate's fine-tuning never advanced the epoch, so IFM's critical-period weights never decayed."""
+    from zeroshot_kd.data import FASHION_MNIST_SPEC
+    from zeroshot_kd.quant.modules import QuantConfig
+    from zeroshot_kd.quant.pipeline import CalibrationOptions, calibrate_student
+    from zeroshot_kd.teachers import Teacher, state_sha256
+
+    teacher = Teacher(small_net.requires_grad_(False), FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(small_net))
+    spy = EpochSpy()
+    opts = CalibrationOptions("gaussian:32", num_images=32, holdout=0, batch_size=16, candidates=5,
+                              finetune_steps=5, progress=False)
+    res = calibrate_student(teacher, QuantConfig(8, 8), opts, torch.device("cpu"),
+                            objectives=ObjectiveSet([spy, *build(["ifm"]).items]))
+    assert [e for e, _ in spy.seen] == [0, 0, 1, 1, 2] and spy.set_epochs == [0, 1, 2]
+    ifm = res.report["finetune"]
+    assert [r["epoch"] for r in ifm] == [3] and "ifm" in ifm[-1]
+
+
+def _calibrate(tmp_path, data):
+    out = tmp_path / "s.pt"
+    r = CliRunner().invoke(cli, ["calibrate", "--data", data, "--bits", "8", "--num-images", "32", "--holdout", "16",
+                                 "--batch-size", "16", "--candidates", "5", "--device", "cpu", "-q",
+                                 "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return r.output, json.loads((tmp_path / "report.json").read_text()), (tmp_path / "report.md").read_text()
+
+
+def test_calibrate_says_calibration_set_agreement_without_held_out_images(tmp_path):
+    """Defect: with --data no larger than --num-images the agreement was computed on calibration images but
+    printed as held-out."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    out, report, md = _calibrate(tmp_path / "a", "gaussian:32")
+    assert not report["heldout_is_separate"] and report["settings"]["heldout_images"] == 0
+    line = [ln for ln in out.splitlines() if ln.startswith("W8A8:")][0]
+    assert "calibration-set agreement (no held-out images)" in line and "held-out agreement" not in line
+    assert report["agreement_label"] == "calibration-set agreement (no held-out images)"
+    assert "calibration-set agreement (no held-out images) on 16 calibration images" in md
+    out, report, md = _calibrate(tmp_path / "b", "gaussian:48")
+    line = [ln for ln in out.splitlines() if ln.startswith("W8A8:")][0]
+    assert report["heldout_is_separate"] and "held-out agreement" in line and "calibration-set" not in line
+    assert "held-out agreement on 16 held-out images" in md
