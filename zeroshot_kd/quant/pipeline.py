@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..data import make_dataset
+from ..data import make_dataset, parse_source
 from ..errors import ZkdError
 from ..evaluate import evaluate_model
 from ..runtime import batch_generator
@@ -67,6 +67,7 @@ class CalibrationOptions:
     seed: int = 0
     precision: str = "fp32"
     progress: bool = True
+    verify: bool = True  # check shard sha256s against the manifest
 
     def __post_init__(self) -> None:
         checks = [(self.num_images >= 1, "--num-images must be >= 1"), (self.holdout >= 0, "--holdout must be >= 0"),
@@ -94,11 +95,8 @@ class CalibrationResult:
 
 
 def data_kind(source: str) -> tuple[str, str]:
-    """``(kind, argument)`` of a ``--data`` string, as :func:`zeroshot_kd.data.make_dataset` reads it."""
-    kind, _, arg = source.partition(":")
-    if not arg and kind not in ("fashion-mnist", "gaussian", "folder", "shards"):
-        kind, arg = "shards", source
-    return kind, arg
+    """``(kind, argument)`` of a ``--data`` string: :func:`zeroshot_kd.data.parse_source`, the grammar's owner."""
+    return parse_source(source)
 
 
 def check_data_teacher(source: str, teacher: Any) -> None:
@@ -145,7 +143,7 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
     t0 = time.perf_counter()
     check_data_teacher(opts.data, teacher)
     ds = make_dataset(opts.data, teacher.spec, num_images=opts.num_images + opts.holdout, seed=opts.seed,
-                      verify=data_kind(opts.data)[0] == "shards")
+                      verify=opts.verify)
     total = len(ds)
     n_cal = min(opts.num_images, total)
     cal_x, cal_y = _stack(Subset(ds, range(n_cal)))
@@ -231,7 +229,7 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
                     device=str(device), torch=torch.__version__, teacher_sha256=teacher.weights_sha256,
                     finetune_loss=(" + ".join(getattr(loss_fn, "specs", [])) or "custom" if loss_fn is not None
                                    else f"T^2 KL, T={opts.temperature}"),
-                    bn_folded=len(folded))
+                    bn_folded=len(folded), data_subset=getattr(ds, "zkd_subset", None))
     report = {
         "config": {**config.to_dict(), "convention": config.convention()},
         "settings": settings,
