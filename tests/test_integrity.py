@@ -251,3 +251,53 @@ def test_similarity_stats_with_a_number_for_signatures(tmp_path):
     f = tmp_path / "s.json"
     f.write_text(json.dumps({"format": "zkd-bn-signature", "format_version": 1, "signatures": 3}))
     _one_line(CliRunner().invoke(command, ["--stats", str(f)]), "'signatures' must be a list")
+
+
+# ---------------------------------------------------------------------------------------------- small defects
+
+
+def test_synthesize_does_not_move_the_callers_teacher(teacher):
+    from zeroshot_kd.synthesis import _on_device
+
+    before = [p.device for p in teacher.model.parameters()]
+    moved = _on_device(teacher, torch.device("meta"))
+    assert moved is not teacher and next(moved.model.parameters()).device.type == "meta"
+    assert [p.device for p in teacher.model.parameters()] == before  # the caller's object is untouched
+    assert _on_device(teacher, torch.device("cpu")) is teacher  # already there: no copy
+
+
+def test_gaussian_source_draws_from_batch_generator():
+    from zeroshot_kd.data import GaussianDataset
+    from zeroshot_kd.runtime import batch_generator
+
+    ds = GaussianDataset(5, SPEC, seed=7)
+    expected = SPEC.clamp(torch.randn(1, *SPEC.shape, generator=batch_generator(7, 3, "gaussian")))[0]
+    torch.testing.assert_close(ds[3][0], expected, rtol=0, atol=0)
+
+
+def test_missing_subcommand_module_fails_loudly(monkeypatch):
+    import importlib
+    import sys
+
+    import cli.main
+
+    monkeypatch.setitem(sys.modules, "cli.evaluate", None)  # importing it now raises ModuleNotFoundError
+    with pytest.raises(ModuleNotFoundError):
+        importlib.reload(cli.main)
+    monkeypatch.undo()
+    importlib.reload(cli.main)
+    assert "evaluate" in cli.main.cli.commands
+
+
+def test_versioned_loader_is_shared(tmp_path):
+    from zeroshot_kd.io import load_versioned
+
+    torch.save({"format": "f", "format_version": 2}, tmp_path / "a.pt")
+    torch.save({"format": "other"}, tmp_path / "b.pt")
+    assert load_versioned(tmp_path / "a.pt", "f", (1, 2), "thing", "redo")["format_version"] == 2
+    assert load_versioned(tmp_path / "b.pt", "f", (1,), "thing", "redo") is None
+    with pytest.raises(ZkdError, match="unknown thing format version 2"):
+        load_versioned(tmp_path / "a.pt", "f", (1,), "thing", "redo")
+    (tmp_path / "c.pt").write_bytes(b"junk")
+    with pytest.raises(ZkdError, match="cannot read"):
+        load_versioned(tmp_path / "c.pt", "f", (1,), "thing", "redo")

@@ -181,7 +181,7 @@ def validate_manifest(manifest: Any, where: str | os.PathLike) -> dict[str, Any]
     """Check a manifest against the format's schema (types, lengths, bounds) before anything uses it.
 
     The one place that says what a valid manifest is: ``input_spec`` (channels, image size, per-channel mean and
-    positive std, class count, all bounded), ``shards`` (a non-empty list of at most :data:`MAX_SHARDS` entries, each
+    positive std, class count, all bounded), ``shards`` (a list of at most :data:`MAX_SHARDS` entries, each
     with a plain file name inside the folder, a positive count, a sha256), and ``teacher`` (an object, if present).
 
     Raises:
@@ -213,8 +213,8 @@ def validate_manifest(manifest: Any, where: str | os.PathLike) -> dict[str, Any]
     if "teacher" in manifest and not isinstance(manifest["teacher"], dict):
         raise bad(f"teacher must be an object, got a {type(manifest['teacher']).__name__}")
     shards = manifest.get("shards")
-    if not isinstance(shards, list) or not shards:
-        raise bad("shards is missing or not a non-empty list")
+    if not isinstance(shards, list):
+        raise bad("shards is missing or not a list")
     if len(shards) > MAX_SHARDS:
         raise bad(f"it lists {len(shards)} shards, more than the {MAX_SHARDS} zkd accepts")
     seen: set[str] = set()
