@@ -301,3 +301,17 @@ def test_versioned_loader_is_shared(tmp_path):
     (tmp_path / "c.pt").write_bytes(b"junk")
     with pytest.raises(ZkdError, match="cannot read"):
         load_versioned(tmp_path / "c.pt", "f", (1,), "thing", "redo")
+
+
+@pytest.mark.parametrize("command", ["calibrate", "distill", "similarity"])
+def test_spec_checked_against_teacher_in_every_command(tmp_path, command):
+    from cli.main import cli
+
+    out = tmp_path / "out"
+    args = {"calibrate": ["--data", "gaussian:8", "--out", str(out / "s.pt")],
+            "distill": ["--student", "cifar-resnet:8", "--data", "gaussian:8", "--out", str(out / "s.pt")],
+            "similarity": ["--data", "gaussian:8", "--out", str(out)]}[command]
+    out.mkdir() if command != "similarity" else None
+    res = CliRunner().invoke(cli, [command, *args, "--channels", "3"])
+    _one_line(res, "first layer takes 1 channel(s), but the input spec has 3")
+    assert not out.exists() or list(out.iterdir()) == []
