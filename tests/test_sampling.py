@@ -83,3 +83,24 @@ def test_parse_source_is_the_grammar():
     assert parse_source("folder:/a/b") == ("folder", "/a/b")
     assert parse_source("fashion-mnist:test") == ("fashion-mnist", "test")
     assert parse_source("gaussian:4") == ("gaussian", "4")
+
+
+def test_calibrate_and_similarity_reports_record_the_subset(tmp_path, teacher):
+    import json
+
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    res = CliRunner().invoke(cli, ["calibrate", "--data", "fashion-mnist:test", "--num-images", "32", "--holdout", "16",
+                                   "--batch-size", "16", "--candidates", "5", "-q", "--seed", "2",
+                                   "--out", str(tmp_path / "s.pt")])
+    assert res.exit_code == 0, res.output
+    settings = json.loads((tmp_path / "report.json").read_text())["settings"]
+    expected = make_dataset("fashion-mnist:test", teacher.spec, num_images=48, seed=2).zkd_subset
+    assert settings["data_subset"] == expected and expected["n"] == 48 and expected["source_size"] == 10000
+    res = CliRunner().invoke(cli, ["similarity", "--data", "t=fashion-mnist:test", "--num-images", "20", "--seed", "1",
+                                   "-q", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report["subsets"]["t"] == make_dataset("fashion-mnist:test", teacher.spec, 20, seed=1).zkd_subset
