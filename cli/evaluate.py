@@ -45,6 +45,9 @@ def command(model_spec: str, data: str, num_images: int | None, batch_size: int,
     tk = teacher_kwargs(kw)
     teacher_spec = tk.pop("spec", None)
     model, spec, info = load_model(model_spec, dev, **tk)
+    from zeroshot_kd.validate import check_teacher_input
+
+    check_teacher_input(model, spec)  # --channels / --num-classes / --image-size against the model, one line
     teacher = None
     if teacher_spec:
         teacher = load_teacher(teacher_spec, device=dev, **tk)

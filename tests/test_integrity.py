@@ -315,3 +315,10 @@ def test_spec_checked_against_teacher_in_every_command(tmp_path, command):
     res = CliRunner().invoke(cli, [command, *args, "--channels", "3"])
     _one_line(res, "first layer takes 1 channel(s), but the input spec has 3")
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_evaluate_checks_the_model_spec():
+    from cli.evaluate import command
+
+    res = CliRunner().invoke(command, ["--model", "fmnist_resnet14", "--data", "gaussian:4", "--num-classes", "5"])
+    _one_line(res, "outputs 10 classes, not 5")
