@@ -322,3 +322,14 @@ def test_evaluate_checks_the_model_spec():
 
     res = CliRunner().invoke(command, ["--model", "fmnist_resnet14", "--data", "gaussian:4", "--num-classes", "5"])
     _one_line(res, "outputs 10 classes, not 5")
+
+
+def test_python_synthesize_checks_the_spec_before_output(tmp_path, teacher):
+    import dataclasses
+
+    from zeroshot_kd import synthesize
+
+    wrong = dataclasses.replace(teacher, spec=InputSpec(1, 28, (0.3,), (0.4,), 7))
+    with pytest.raises(ZkdError, match="outputs 10 classes, not 7"):
+        synthesize(tmp_path / "o", teacher=wrong, method="gaussian", num_images=2, device="cpu", progress=False)
+    assert not (tmp_path / "o").exists()

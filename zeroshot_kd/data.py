@@ -41,6 +41,7 @@ __all__ = [
     "parse_source",
     "read_idx",
     "sample_indices",
+    "subset_record",
 ]
 
 SOURCE_KINDS = ("shards", "folder", "fashion-mnist", "gaussian")

@@ -82,6 +82,9 @@ def synthesize(
     _validate(hp, num_images, batch_size)
     dev = resolve_device(device)
     t = _on_device(teacher, dev) if isinstance(teacher, Teacher) else load_teacher(teacher, device=dev)
+    from ..validate import check_teacher_input
+
+    check_teacher_input(t.model, t.spec, multires=bool(hp["multires_iterations"]))  # before any output exists
     cfg = SynthesisConfig(method, num_images, batch_size, seed, targets, hp, precision)
     return run_synthesis(out, t, m, cfg, dev, student=student, resume=resume, overwrite=overwrite,
                          progress=progress, log=log)
