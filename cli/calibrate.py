@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from .common import (device_option, echo, emit_json, handle_errors, json_option, precision_option, seed_option,
-                     teacher_kwargs, teacher_options)
+from .common import (device_option, echo, emit_json, handle_errors, json_option, load_checked_teacher,
+                     precision_option, seed_option, teacher_kwargs, teacher_options, verify_option)
 
 EXAMPLES = """
 \b
@@ -32,7 +32,10 @@ bits_type = int  # validated below, so a bad value gets zkd's one-line error
 @click.option("--data", required=True, metavar="SOURCE",
               help="Calibration data: DIR or shards:DIR (zkd synthesize), folder:DIR, fashion-mnist:train|test, "
               "gaussian:N.")
-@click.option("--num-images", type=click.IntRange(min=1), default=1024, help="Calibration images used.")
+@click.option("--num-images", type=click.IntRange(min=1), default=1024,
+              help="Calibration images used: a seeded random sample of --data, stratified by class where labels are "
+                   "known.")
+@verify_option
 @click.option("--holdout", type=click.IntRange(min=0), default=256,
               help="Further images of --data kept out of calibration for the report's agreement/KL.")
 @click.option("--eval-data", default=None, metavar="SOURCE", help="Also report top-1/top-5 on this source "
@@ -113,6 +116,9 @@ def command(data: str, num_images: int, holdout: int, eval_data: str | None, eva
     out_path = Path(out)
     if not out_path.parent.is_dir():
         raise ZkdError(f"folder of --out {out} does not exist; create it first")
+    from zeroshot_kd.validate import check_writable
+
+    check_writable(out_path, "--out")
     rdir = Path(report_dir) if report_dir else out_path.parent
     if not rdir.is_dir():
         raise ZkdError(f"--report-dir {rdir} does not exist; create it first")
@@ -128,8 +134,9 @@ def command(data: str, num_images: int, holdout: int, eval_data: str | None, eva
                               recon_lambda=recon_lambda, recon_lr=recon_lr,
                               finetune_steps=finetune_steps, lr=lr, scale_lr=scale_lr,
                               temperature=temperature, seed=seed, precision=precision, progress=not quiet)
+    opts.verify = kw.pop("verify", True)
     dev = resolve_device(device)
-    teacher = load_teacher(device=dev, **teacher_kwargs(kw))
+    teacher = load_checked_teacher(dev, **teacher_kwargs(kw))
     echo(f"teacher: {teacher.source.get('kind')} {teacher.source.get('spec')}, input {teacher.spec.shape}; "
          f"device {dev}")
     echo(f"convention: {config.convention()}")

@@ -60,8 +60,25 @@ precision_option = click.option("--precision", type=click.Choice(["fp32", "bf16"
                                 "stay float32.")
 seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Base seed; per-batch seeds "
                            "derive from (seed, batch index).")
+verify_option = click.option("--verify/--no-verify", "verify", default=True, show_default=True,
+                             help="Check each shard's sha256 against its manifest before reading (opt out only for "
+                                  "shards you trust).")
 json_option = click.option("--json", "as_json", is_flag=True, default=False,
                            help="Print one JSON summary object on stdout (human text stays on stderr).")
+
+
+def load_checked_teacher(device: Any, multires: bool = False, **kw: Any) -> Any:
+    """``load_teacher`` plus the up-front checks of its input spec (first layer, output width, smallest input).
+
+    Call it before creating any output, so a spec that does not fit the teacher leaves nothing behind.
+    """
+    from zeroshot_kd import load_teacher
+    from zeroshot_kd.validate import check_finite, check_teacher_input
+
+    check_finite({"--mean": kw.get("mean") or (), "--std": kw.get("std") or ()})
+    teacher = load_teacher(device=device, **kw)
+    check_teacher_input(teacher.model, teacher.spec, multires=multires)
+    return teacher
 
 
 def echo(msg: str) -> None:

@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
-from cli.common import (device_option, echo, emit_json, handle_errors, json_option, precision_option, seed_option,
-                        teacher_kwargs, teacher_options)
+from cli.common import (device_option, echo, emit_json, handle_errors, json_option, load_checked_teacher,
+                        precision_option, seed_option, teacher_kwargs, teacher_options, verify_option)
 
 
 # Kept static so that `zkd --help` does not import torch; tests check it against the registry.
@@ -30,7 +30,9 @@ OBJECTIVE_HELP = ("Objective NAME[:key=value,...], repeatable (default: kd); wei
 @click.option("--student-arch", default=None, metavar="SPEC", help="Architecture of a --student weights-only file.")
 @click.option("--data", required=True, metavar="SOURCE",
               help="Training data: DIR|shards:DIR|folder:DIR|fashion-mnist:train|test|gaussian:N.")
-@click.option("--num-images", type=click.IntRange(min=2), default=None, help="Use only the first N training images.")
+@click.option("--num-images", type=click.IntRange(min=2), default=None,
+              help="Use a seeded random sample of N training images, stratified by class where labels are known.")
+@verify_option
 @click.option("--objective", "objective_specs", multiple=True, metavar="SPEC", help=OBJECTIVE_HELP)
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=None,
@@ -62,8 +64,8 @@ def command(student_spec: str, student_weights: str | None, student_arch: str | 
             num_images: int | None, objective_specs: tuple[str, ...], epochs: int, steps: int | None,
             batch_size: int, lr: float, optimizer: str, weight_decay: float, schedule: str, eval_data: str | None,
             eval_images: int | None, out: str, metrics: str | None, workers: int, freeze_bn: bool, progress: bool,
-            device: str, precision: str, seed: int, as_json: bool, **kw: Any) -> None:
-    from zeroshot_kd import load_teacher
+            device: str, precision: str, seed: int, as_json: bool, verify: bool = True, **kw: Any) -> None:
+    from zeroshot_kd.validate import check_writable
     from zeroshot_kd.data import make_dataset
     from zeroshot_kd.distill import DistillConfig, build_student, distill
     from zeroshot_kd.errors import ZkdError
@@ -76,9 +78,10 @@ def command(student_spec: str, student_weights: str | None, student_arch: str | 
     out_path = Path(out)
     if not out_path.parent.is_dir():
         raise ZkdError(f"--out {out}: folder {out_path.parent} does not exist")
-    teacher = load_teacher(device=dev, **teacher_kwargs(kw))
-    train = make_dataset(data, teacher.spec, num_images, seed=seed)
-    evald = make_dataset(eval_data, teacher.spec, eval_images, seed=seed) if eval_data else None
+    check_writable(out_path, "--out")
+    teacher = load_checked_teacher(dev, **teacher_kwargs(kw))
+    train = make_dataset(data, teacher.spec, num_images, seed=seed, verify=verify)
+    evald = make_dataset(eval_data, teacher.spec, eval_images, seed=seed, verify=verify) if eval_data else None
     student, card = build_student(student_spec, teacher, weights=student_weights, arch=student_arch, seed=seed,
                                   device=dev)
     cfg = DistillConfig(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .common import device_option, echo, emit_json, handle_errors, json_option, precision_option, teacher_kwargs, \
-    teacher_options
+    teacher_options, verify_option
 
 EXAMPLES = """
 \b
@@ -24,7 +24,9 @@ Examples:
 @teacher_options
 @click.option("--data", required=True, metavar="SOURCE",
               help="DIR or shards:DIR, folder:DIR, fashion-mnist:train|test, gaussian:N.")
-@click.option("--num-images", type=click.IntRange(min=1), default=None, help="Use only the first N images.")
+@click.option("--num-images", type=click.IntRange(min=1), default=None,
+              help="Use a seeded random sample of N images, stratified by class where labels are known.")
+@verify_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Evaluation batch size.")
 @device_option
 @precision_option
@@ -32,7 +34,7 @@ Examples:
 @json_option
 @handle_errors
 def command(model_spec: str, data: str, num_images: int | None, batch_size: int, device: str, precision: str,
-            quiet: bool, as_json: bool, **kw) -> None:  # noqa: ANN003
+            quiet: bool, as_json: bool, verify: bool = True, **kw) -> None:  # noqa: ANN003
     from zeroshot_kd import load_teacher
     from zeroshot_kd.data import make_dataset
     from zeroshot_kd.errors import ZkdError
@@ -43,6 +45,9 @@ def command(model_spec: str, data: str, num_images: int | None, batch_size: int,
     tk = teacher_kwargs(kw)
     teacher_spec = tk.pop("spec", None)
     model, spec, info = load_model(model_spec, dev, **tk)
+    from zeroshot_kd.validate import check_teacher_input
+
+    check_teacher_input(model, spec)  # --channels / --num-classes / --image-size against the model, one line
     teacher = None
     if teacher_spec:
         teacher = load_teacher(teacher_spec, device=dev, **tk)
@@ -51,7 +56,7 @@ def command(model_spec: str, data: str, num_images: int | None, batch_size: int,
                            "with the same input")
     if info["kind"] == "student":
         echo(f"student: {model_spec}; convention: {info['convention']}")
-    ds = make_dataset(data, spec, num_images=num_images)
+    ds = make_dataset(data, spec, num_images=num_images, verify=verify)
     res = evaluate_model(model, ds, dev, batch_size, teacher.model if teacher else None, precision, not quiet)
     fmt = lambda v, nd=2: "-" if v is None else f"{v:.{nd}f}"  # noqa: E731
     line = f"{data}: {res['images']} images, top-1 {fmt(res['top1'])}%, top-5 {fmt(res['top5'])}%"

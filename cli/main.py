@@ -25,13 +25,8 @@ def cli() -> None:
     """
 
 
-for _name in SUBCOMMANDS:
-    try:
-        _module = importlib.import_module(f"cli.{_name}")
-    except ModuleNotFoundError as _e:
-        if _e.name != f"cli.{_name}":
-            raise
-        continue
+for _name in SUBCOMMANDS:  # a missing subcommand module is a broken install: fail loudly, never drop it
+    _module = importlib.import_module(f"cli.{_name}")
     _module.command.context_settings.setdefault("max_content_width", 110)
     cli.add_command(_module.command, _name)
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import click
 
-from .common import (device_option, echo, emit_json, handle_errors, json_option, seed_option, teacher_kwargs,
-                     teacher_options)
+from .common import (device_option, echo, emit_json, handle_errors, json_option, load_checked_teacher, seed_option,
+                     teacher_kwargs, teacher_options, verify_option)
 
 EXAMPLES = """
 \b
@@ -48,7 +48,8 @@ def _table(report: dict[str, Any]) -> str:
               help="Shift the --data entry NAME in pixel space before scoring: invert, rot90, rot180, rot270, hflip, "
                    "vflip (applied left to right).")
 @click.option("--num-images", type=click.IntRange(min=1), default=None,
-              help="Use at most the first N images of each --data source.  [default: all]")
+              help="Use a seeded random sample of N images of each --data source, stratified by class where "
+                   "labels are known (--seed picks it).  [default: all]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256,
               help="Images per forward pass (exact statistics do not depend on it; --per-batch ones do).")
 @click.option("--per-batch", is_flag=True,
@@ -58,6 +59,7 @@ def _table(report: dict[str, Any]) -> str:
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Write similarity.json, similarity.md and similarity.png here.  [default: terminal only]")
 @click.option("--workers", type=click.IntRange(min=0), default=0, help="DataLoader worker processes.")
+@verify_option
 @device_option
 @seed_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
@@ -65,13 +67,13 @@ def _table(report: dict[str, Any]) -> str:
 @handle_errors
 def command(data: tuple[str, ...], stats: tuple[str, ...], transforms: tuple[str, ...], num_images: int | None,
             batch_size: int, per_batch: bool, save_stats: str | None, out: str | None, workers: int, device: str,
-            seed: int, quiet: bool, as_json: bool, **kw: Any) -> None:
-    from zeroshot_kd import load_teacher
+            seed: int, quiet: bool, as_json: bool, verify: bool = True, **kw: Any) -> None:
     from zeroshot_kd.errors import ZkdError
     from zeroshot_kd.runtime import resolve_device
     from zeroshot_kd.similarity import (compute_signature, iter_named, load_signatures, make_similarity_dataset,
                                         parse_transforms, save_signatures, similarity_report, split_named,
                                         write_report)
+    from zeroshot_kd.validate import check_writable
 
     if not data and not stats:
         raise ZkdError("nothing to compare; pass at least one --data NAME=SOURCE or --stats FILE")
@@ -87,13 +89,18 @@ def command(data: tuple[str, ...], stats: tuple[str, ...], transforms: tuple[str
         shifts[name] = shifts.get(name, []) + parse_transforms(spec)
     if save_stats and not save_stats.lower().endswith((".json", ".pt", ".pth")):
         raise ZkdError(f"--save-stats {save_stats}: use a .json or .pt file name")
+    if save_stats:
+        check_writable(save_stats, "--save-stats")
+    if out:
+        check_writable(out, "--out", folder=True)
 
     dev = resolve_device(device)
-    teacher = load_teacher(device=dev, **teacher_kwargs(kw))
+    teacher = load_checked_teacher(dev, **teacher_kwargs(kw))
     echo(f"teacher: {teacher.source.get('kind')} {teacher.source.get('spec')} (weights sha256 "
          f"{teacher.weights_sha256[:12]}), input {teacher.spec.shape}; device {dev}")
 
     signatures = []
+    subsets: dict[str, Any] = {}
     for entry in stats:
         name, path = split_named(entry)
         loaded = load_signatures(path, teacher=teacher)
@@ -104,12 +111,16 @@ def command(data: tuple[str, ...], stats: tuple[str, ...], transforms: tuple[str
         signatures.extend(loaded)
     for name, source in entries:
         shift = shifts.get(name, [])
-        ds = make_similarity_dataset(source, teacher.spec, num_images=num_images, transforms=shift, seed=seed)
+        ds = make_similarity_dataset(source, teacher.spec, num_images=num_images, transforms=shift, seed=seed,
+                                     verify=verify)
+        subsets[name] = getattr(ds, "zkd_subset", None)
         label = source + (f" ({','.join(shift)})" if shift else "")
         signatures.append(compute_signature(teacher, ds, name, source=label, batch_size=batch_size, device=dev,
                                             per_batch=per_batch, num_workers=workers,
                                             progress=None if not quiet else False))
     report = similarity_report(teacher, signatures)
+    if subsets:
+        report["subsets"] = subsets  # which items of each --data source were used (count, seed, sha256)
     if save_stats:
         save_signatures(save_stats, signatures)
         echo(f"signatures saved to {save_stats}")

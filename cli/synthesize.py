@@ -6,8 +6,8 @@ import click
 
 from zeroshot_kd.synthesis import COMMON_DEFAULTS, METHODS
 
-from .common import (device_option, echo, emit_json, handle_errors, json_option, parse_floats, precision_option,
-                     seed_option, teacher_kwargs, teacher_options)
+from .common import (device_option, echo, emit_json, handle_errors, json_option, load_checked_teacher, parse_floats,
+                     precision_option, seed_option, teacher_kwargs, teacher_options)
 
 
 def _defaults_help(key: str) -> str:
@@ -82,11 +82,24 @@ Examples:
 def command(method: str, out: str, num_images: int, batch_size: int, targets: str, student: str | None,
             device: str, precision: str, seed: int, resume: bool, overwrite: bool, quiet: bool, as_json: bool,
             **kw) -> None:  # noqa: ANN003
-    from zeroshot_kd import load_teacher, synthesize
+    from zeroshot_kd import synthesize
+    from zeroshot_kd.errors import ZkdError
     from zeroshot_kd.runtime import dist_env, resolve_device
+    from zeroshot_kd.synthesis import get_method
+    from zeroshot_kd.validate import check_finite, check_writable
 
+    m = get_method(method)
+    adi_only = {"--student": student, "--adi-scale": kw.get("adi_scale"), "--adi-temperature": kw.get("adi_temperature"),
+                "--adi-js": kw.get("adi_js")}
+    given = [flag for flag, v in adi_only.items() if v is not None]
+    if given and not m.needs_student:
+        raise ZkdError(f"{', '.join(given)} only apply to --method adi, not {method}; drop them or use --method adi")
+    tk = teacher_kwargs(kw)
+    check_finite({f"--{k.replace('_', '-')}": v for k, v in kw.items()})
+    check_writable(out, "--out", folder=True)
     dev = resolve_device(device)
-    teacher = load_teacher(device=dev, **teacher_kwargs(kw))
+    multires = bool(m.hyperparameters({k: v for k, v in kw.items()})["multires_iterations"])
+    teacher = load_checked_teacher(dev, multires=multires, **tk)
     is_main = dist_env().is_main
     if is_main:
         echo(f"teacher: {teacher.source.get('kind')} {teacher.source.get('spec')} "

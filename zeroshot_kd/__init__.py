@@ -1,6 +1,6 @@
 """zkd (``zeroshot_kd``): data-free image synthesis, low-bit quantization and KD for PyTorch classifiers."""
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 from .errors import ZkdError  # noqa: E402
 from .spec import InputSpec  # noqa: E402

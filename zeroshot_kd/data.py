@@ -9,20 +9,27 @@
 =====================  ==============================================================================
 
 Every source yields ``(normalized float32 tensor (C, H, W), int label)``; label is -1 where none is known.
+
+``num_images=N`` takes a seeded random sample of N items, stratified by class where labels are known (never the
+first N: an ImageFolder is sorted by class); the returned dataset's ``zkd_subset`` records which items were used.
+An unreadable image in a ``folder:`` tree is an error naming the file (not skipped: a silently smaller set would
+change results without notice).
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import struct
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .errors import ZkdError
+from .runtime import batch_generator
 from .spec import InputSpec
 
 __all__ = [
@@ -31,8 +38,61 @@ __all__ = [
     "GaussianDataset",
     "load_fashion_mnist",
     "make_dataset",
+    "parse_source",
     "read_idx",
+    "sample_indices",
+    "subset_record",
 ]
+
+SOURCE_KINDS = ("shards", "folder", "fashion-mnist", "gaussian")
+
+
+def parse_source(source: str) -> tuple[str, str]:
+    """``(kind, argument)`` of a ``--data`` string: the one parser of the grammar in the module docstring.
+
+    A string without a known ``KIND:`` prefix is a shard folder (``DIR`` = ``shards:DIR``).
+    """
+    kind, _, arg = source.partition(":")
+    if not arg and kind not in SOURCE_KINDS:
+        return "shards", source
+    return kind, arg
+
+
+def sample_indices(labels: Sequence[int], n: int, seed: int) -> list[int]:
+    """A seeded random sample of ``n`` of ``len(labels)`` items, stratified by class where labels are known.
+
+    Each class c (label >= 0) gets ``floor(n * n_c / total)`` items, and the remainder goes to the classes with the
+    largest fractional parts (ties by class id), so every class is within one item of its share; items without a
+    label (-1) form one more stratum. Within a class the items are a seeded random choice. The result is in a seeded
+    random order (a prefix of it is itself a random sample). It depends only on (labels, n, seed): not on batch size,
+    worker or process count. ``n >= len(labels)`` returns every index.
+    """
+    total = len(labels)
+    g = batch_generator(seed, 0, "subset")
+    if n >= total:
+        return torch.randperm(total, generator=g).tolist()
+    groups: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        groups.setdefault(int(y) if int(y) >= 0 else -1, []).append(i)
+    classes = sorted(groups)
+    exact = {c: n * len(groups[c]) / total for c in classes}
+    quota = {c: int(exact[c]) for c in classes}
+    rest = n - sum(quota.values())
+    for c in sorted(classes, key=lambda c: (-(exact[c] - quota[c]), c))[:rest]:
+        quota[c] += 1
+    picked: list[int] = []
+    for c in classes:
+        members = groups[c]
+        perm = torch.randperm(len(members), generator=g)[: quota[c]]
+        picked.extend(members[j] for j in perm.tolist())
+    order = torch.randperm(len(picked), generator=g).tolist()
+    return [picked[j] for j in order]
+
+
+def subset_record(indices: Sequence[int], seed: int, source_size: int) -> dict[str, Any]:
+    """What ``ds.zkd_subset`` holds: count, seed, source size and the sha256 of the sorted indices."""
+    digest = hashlib.sha256(",".join(map(str, sorted(indices))).encode()).hexdigest()
+    return {"n": len(indices), "seed": seed, "source_size": source_size, "sha256": digest}
 
 # Where Debian's dataset-fashion-mnist puts the IDX files; ZKD_FASHION_MNIST overrides.
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -108,7 +168,7 @@ class GaussianDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         if not 0 <= i < self.n:
             raise IndexError(i)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        g = batch_generator(self.seed, i, "gaussian")
         x = torch.randn(1, *self.spec.shape, generator=g)
         return self.spec.clamp(x)[0], -1
 
@@ -126,6 +186,17 @@ def _pixels_to_spec(pixels: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     return spec.normalize(x)
 
 
+def _load_image(path: str) -> Any:
+    """ImageFolder's loader, but an unreadable or corrupt image is a ZkdError naming the file."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ZkdError(f"folder image {path} cannot be read ({type(e).__name__}); remove or replace it") from None
+
+
 def _folder_dataset(root: str, spec: InputSpec) -> Dataset:
     from torchvision import datasets, transforms
 
@@ -139,25 +210,38 @@ def _folder_dataset(root: str, spec: InputSpec) -> Dataset:
         transforms.Normalize(spec.mean, spec.std),
     ])
     try:
-        return datasets.ImageFolder(root, transform=tf)
+        return datasets.ImageFolder(root, transform=tf, loader=_load_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise ZkdError(f"folder:{root}: {e}".splitlines()[0]) from None
 
 
+def _labels_of(ds: Dataset) -> list[int] | None:
+    """Every item's label without loading images, where the source knows them cheaply."""
+    if hasattr(ds, "labels") and not isinstance(ds, TensorDataset):
+        return list(ds.labels)  # ShardDataset
+    if hasattr(ds, "targets"):
+        return [int(t) for t in ds.targets]  # ImageFolder
+    return None
+
+
 def make_dataset(source: str, spec: InputSpec, num_images: int | None = None, seed: int = 0,
-                 verify: bool = False) -> Dataset:
+                 verify: bool = True) -> Dataset:
     """Resolve a ``--data`` string into a map-style Dataset of ``(normalized tensor, label)``.
 
     Args:
         source: one of the forms in the module docstring.
         spec: the consuming model's input spec (real images are converted to it; shards must match it).
-        num_images: keep only the first N items (the order of the source).
-        seed: seed of the ``gaussian:N`` source.
-        verify: for shards, check every shard's sha256 against the manifest first.
+        num_images: keep a seeded random sample of N items, stratified by class where labels are known
+            (:func:`sample_indices`); None or N >= the source's size keeps all of it.
+        seed: seed of the sample and of the ``gaussian:N`` source.
+        verify: for shards, check every shard's sha256 against the manifest first (the default).
+
+    Returns:
+        The dataset, with ``zkd_subset`` = ``{"n", "seed", "source_size", "sha256"}`` (sha256 of the sorted
+        indices used) recorded on it.
     """
-    kind, _, arg = source.partition(":")
-    if not arg and kind not in ("fashion-mnist", "gaussian", "folder", "shards"):
-        kind, arg = "shards", source
+    kind, arg = parse_source(source)
+    indices: list[int] | None = None
     if kind == "shards":
         from .shards import ShardDataset
 
@@ -166,8 +250,11 @@ def make_dataset(source: str, spec: InputSpec, num_images: int | None = None, se
         ds = _folder_dataset(arg, spec)
     elif kind == "fashion-mnist":
         images, labels = load_fashion_mnist(arg or "train")
-        if num_images is not None:
-            images, labels = images[:num_images], labels[:num_images]
+        size = len(labels)
+        if num_images is not None and num_images < size:
+            indices = sample_indices(labels.tolist(), num_images, seed)
+            pick = torch.tensor(indices)
+            images, labels = images[pick], labels[pick]
         ds = TensorDataset(_pixels_to_spec(images, spec), labels)
     elif kind == "gaussian":
         try:
@@ -183,6 +270,13 @@ def make_dataset(source: str, spec: InputSpec, num_images: int | None = None, se
         )
     if len(ds) == 0:
         raise ZkdError(f"data source {source!r} is empty")
-    if num_images is not None and num_images < len(ds):
-        ds = Subset(ds, range(num_images))
+    if indices is not None:  # sampled before conversion
+        ds.zkd_subset = subset_record(indices, seed, size)  # type: ignore[attr-defined]
+        return ds
+    size = len(ds)
+    if num_images is not None and num_images < size:
+        labels_list = _labels_of(ds)
+        indices = sample_indices(labels_list if labels_list is not None else [-1] * size, num_images, seed)
+        ds = Subset(ds, indices)
+    ds.zkd_subset = subset_record(indices if indices is not None else range(size), seed, size)  # type: ignore
     return ds

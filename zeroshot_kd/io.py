@@ -10,7 +10,9 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_torch_save"]
+from .errors import ZkdError
+
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_torch_save", "load_versioned"]
 
 
 @contextlib.contextmanager
@@ -41,3 +43,34 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def load_versioned(path: str | os.PathLike, fmt: str, versions: tuple[int, ...], what: str,
+                   fix: str) -> dict[str, Any] | None:
+    """Read a versioned zkd torch file safely (``weights_only=True``): the one reader of ``format``/``format_version``.
+
+    Args:
+        path: the file (must exist; callers word their own "does not exist" message).
+        fmt: the expected ``format`` field.
+        versions: the ``format_version`` values this zkd reads.
+        what: the kind of file for messages, e.g. ``"student"``.
+        fix: what the user should do about an unsupported version, e.g. ``"re-run 'zkd calibrate'"``.
+
+    Returns:
+        The file's dict, or None when it is a readable torch file of another kind (no matching ``format``).
+
+    Raises:
+        ZkdError: the file cannot be read as a safe torch file, or its version is not one of ``versions``.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for non-torch / pickled-code payloads
+        raise ZkdError(f"cannot read {path} ({type(e).__name__}); it is not a zkd {what} or torch file") from None
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        return None
+    if obj.get("format_version") not in versions:
+        from .version import __version__
+
+        raise ZkdError(f"{path}: unknown {what} format version {obj.get('format_version')!r}; this zkd {__version__} "
+                       f"reads version {', '.join(map(str, versions))} -- {fix} or upgrade zkd")
+    return obj

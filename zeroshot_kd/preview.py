@@ -47,7 +47,7 @@ def write_preview(out: str | Path, spec: InputSpec, manifest: dict[str, Any], pe
     ds = ShardDataset(out)
     picked: dict[int, list[torch.Tensor]] = {}
     for i in range(len(ds)):
-        _, _, _, label = ds.items[i]
+        label = ds.items[i][3]
         if len(picked.setdefault(label, [])) < per_class:
             picked[label].append(ds[i][0])
         if len(picked) == spec.num_classes and all(len(v) >= per_class for v in picked.values()):

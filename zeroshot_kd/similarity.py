@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 from .bn import bn_layers, gaussian_kl
 from .capture import Capture
 from .errors import ZkdError
-from .io import atomic_torch_save, atomic_write_bytes, atomic_write_json
+from .io import atomic_torch_save, atomic_write_bytes, atomic_write_json, load_versioned
 from .spec import InputSpec
 from .teachers import Teacher
 
@@ -456,18 +456,19 @@ def load_signatures(path: str | os.PathLike, teacher: Teacher | None = None) -> 
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ZkdError(f"stats file {path} is not valid JSON ({e}); save it again with --save-stats") from None
     else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ZkdError(f"stats file {path} cannot be read ({type(e).__name__}); save it again with --save-stats "
-                           "as .json or .pt") from None
+        obj = load_versioned(path, SIGNATURE_FORMAT, (SIGNATURE_VERSION,), "signature", "recompute it")
     if not isinstance(obj, dict) or obj.get("format") != SIGNATURE_FORMAT:
         raise ZkdError(f"{path} is not a zkd signature file; write one with 'zkd similarity --save-stats FILE'")
     if obj.get("format_version") != SIGNATURE_VERSION:
         raise ZkdError(f"{path}: signature format v{obj.get('format_version')} is not supported (this zkd reads "
                        f"v{SIGNATURE_VERSION}); recompute it")
     sha = str(obj.get("teacher_weights_sha256", ""))
-    sigs = [Signature.from_dict(d, sha, obj.get("teacher") or {}, str(path)) for d in obj.get("signatures", [])]
+    entries, teacher_rec = obj.get("signatures", []), obj.get("teacher") or {}
+    if not isinstance(entries, list) or not all(isinstance(d, dict) for d in entries) or not isinstance(teacher_rec,
+                                                                                                      dict):
+        raise ZkdError(f"stats file {path} is malformed ('signatures' must be a list of objects, 'teacher' an object); "
+                       "save it again with 'zkd similarity --save-stats'")
+    sigs = [Signature.from_dict(d, sha, teacher_rec, str(path)) for d in entries]
     if not sigs:
         raise ZkdError(f"stats file {path} holds no signatures; save it again with --data")
     if teacher is not None:
@@ -535,12 +536,16 @@ class TransformedDataset(Dataset):
 
 
 def make_similarity_dataset(source: str, spec: InputSpec, num_images: int | None = None,
-                            transforms: Sequence[str] = (), seed: int = 0) -> Dataset:
+                            transforms: Sequence[str] = (), seed: int = 0, verify: bool = True) -> Dataset:
     """:func:`zeroshot_kd.data.make_dataset` plus optional pixel-space shifts (see :data:`TRANSFORMS`)."""
     from .data import make_dataset
 
-    ds = make_dataset(source, spec, num_images=num_images, seed=seed)
-    return TransformedDataset(ds, transforms, spec) if transforms else ds
+    ds = make_dataset(source, spec, num_images=num_images, seed=seed, verify=verify)
+    if not transforms:
+        return ds
+    shifted = TransformedDataset(ds, transforms, spec)
+    shifted.zkd_subset = getattr(ds, "zkd_subset", None)  # type: ignore[attr-defined]
+    return shifted
 
 
 # ---------------------------------------------------------------------------------------------- reports

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from ..data import make_dataset
+from ..data import make_dataset, parse_source
 from ..errors import ZkdError
 from ..evaluate import evaluate_model
 from ..objectives import ObjectiveSet
@@ -70,6 +70,7 @@ class CalibrationOptions:
     seed: int = 0
     precision: str = "fp32"
     progress: bool = True
+    verify: bool = True  # check shard sha256s against the manifest
 
     def __post_init__(self) -> None:
         checks = [(self.num_images >= 1, "--num-images must be >= 1"), (self.holdout >= 0, "--holdout must be >= 0"),
@@ -97,11 +98,8 @@ class CalibrationResult:
 
 
 def data_kind(source: str) -> tuple[str, str]:
-    """``(kind, argument)`` of a ``--data`` string, as :func:`zeroshot_kd.data.make_dataset` reads it."""
-    kind, _, arg = source.partition(":")
-    if not arg and kind not in ("fashion-mnist", "gaussian", "folder", "shards"):
-        kind, arg = "shards", source
-    return kind, arg
+    """``(kind, argument)`` of a ``--data`` string: :func:`zeroshot_kd.data.parse_source`, the grammar's owner."""
+    return parse_source(source)
 
 
 def check_data_teacher(source: str, teacher: Any) -> None:
@@ -149,7 +147,7 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
     objset = finetune_objectives(objectives, opts.temperature) if opts.finetune_steps > 0 else None
     check_data_teacher(opts.data, teacher)
     ds = make_dataset(opts.data, teacher.spec, num_images=opts.num_images + opts.holdout, seed=opts.seed,
-                      verify=data_kind(opts.data)[0] == "shards")
+                      verify=opts.verify)
     total = len(ds)
     n_cal = min(opts.num_images, total)
     cal_x, cal_y = _stack(Subset(ds, range(n_cal)))
@@ -224,7 +222,7 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
                     finetune_loss=(f"T^2 KL, T={opts.temperature}" if not objectives else
                                    " + ".join(map(str, objectives)) if not isinstance(objectives, ObjectiveSet)
                                    else " + ".join(objectives.keys)),
-                    bn_folded=len(folded))
+                    bn_folded=len(folded), data_subset=getattr(ds, "zkd_subset", None))
     report = {
         "config": {**config.to_dict(), "convention": config.convention()},
         "settings": settings,

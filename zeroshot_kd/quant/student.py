@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import __version__
+from ..version import __version__
 from ..errors import ZkdError
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, load_versioned
 from ..spec import InputSpec
 from .fold import set_module
 from .modules import LayerConfig, QuantConfig, quant_layers, quantize_model
@@ -149,17 +149,7 @@ def read_student_file(path: str | os.PathLike) -> dict[str, Any] | None:
     """
     if not Path(path).is_file():
         raise ZkdError(f"student file {path} does not exist; pass the --out of 'zkd calibrate'")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ZkdError(f"cannot read {path} ({type(e).__name__}); it is not a zkd student or torch "
-                       "checkpoint") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        return None
-    if obj.get("format_version") != FORMAT_VERSION:
-        raise ZkdError(f"{path}: unknown student format version {obj.get('format_version')!r}; this zkd "
-                       f"{__version__} reads version {FORMAT_VERSION} -- re-run 'zkd calibrate' or upgrade zkd")
-    return obj
+    return load_versioned(path, FORMAT, (FORMAT_VERSION,), "student", "re-run 'zkd calibrate'")
 
 
 def is_student_file(path: str | os.PathLike) -> bool:

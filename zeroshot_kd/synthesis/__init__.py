@@ -81,14 +81,31 @@ def synthesize(
         raise ZkdError(f"unknown hyper-parameter {e.args[0]!r}; valid: {', '.join(sorted(COMMON_DEFAULTS))}") from None
     _validate(hp, num_images, batch_size)
     dev = resolve_device(device)
-    t = teacher if isinstance(teacher, Teacher) else load_teacher(teacher, device=dev)
-    t.model.to(dev)
+    t = _on_device(teacher, dev) if isinstance(teacher, Teacher) else load_teacher(teacher, device=dev)
+    from ..validate import check_teacher_input
+
+    check_teacher_input(t.model, t.spec, multires=bool(hp["multires_iterations"]))  # before any output exists
     cfg = SynthesisConfig(method, num_images, batch_size, seed, targets, hp, precision)
     return run_synthesis(out, t, m, cfg, dev, student=student, resume=resume, overwrite=overwrite,
                          progress=progress, log=log)
 
 
+def _on_device(teacher: Teacher, dev: torch.device) -> Teacher:
+    """The teacher with its model on ``dev``: the caller's object when already there, else a moved copy (the
+    caller's Teacher is never mutated)."""
+    tensors = list(teacher.model.parameters()) + list(teacher.model.buffers())
+    if all(p.device == dev or (p.device.type == dev.type and dev.index is None) for p in tensors):
+        return teacher
+    import copy
+    import dataclasses
+
+    return dataclasses.replace(teacher, model=copy.deepcopy(teacher.model).to(dev))
+
+
 def _validate(hp: dict[str, Any], num_images: int, batch_size: int) -> None:
+    from ..validate import check_finite
+
+    check_finite({f"--{k.replace('_', '-')}": v for k, v in hp.items()})
     checks = [
         (num_images >= 1, f"--num-images must be at least 1, got {num_images}"),
         (batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}"),

@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import __version__
+from ..version import __version__
 from ..bn import BNStatsHook, bns_kl_loss, require_bn
 from ..errors import ZkdError
 from ..io import atomic_write_json
 from ..runtime import (autocast, barrier, batch_generator, deterministic_kernels, dist_env, init_process_group,
                        resolve_device)
-from ..shards import FORMAT, FORMAT_VERSION, MANIFEST, shard_name, write_shard
+from ..shards import FORMAT, FORMAT_VERSION, MANIFEST, shard_name, write_manifest, write_shard
 from ..spec import InputSpec
 from ..teachers import Teacher, load_teacher
 from .adi import competition_loss
@@ -459,5 +459,4 @@ def _write_manifest(out: Path, teacher: Teacher, cfg: SynthesisConfig, device: t
         "shards": [{"file": r["file"], "count": r["count"], "sha256": r["sha256"], "batch": r["batch"]}
                    for r in records],
     }
-    atomic_write_json(out / MANIFEST, manifest)
-    return manifest
+    return write_manifest(out, manifest)
