@@ -60,6 +60,9 @@ bits_type = int  # validated below, so a bad value gets zkd's one-line error
 @click.option("--relu6", type=click.Choice(["clip", "relu", "skip"]), default="clip",
               help="Equalization through ReLU6: clip = per-channel rescaled clip (exact), relu = replace by ReLU, "
               "skip = leave those pairs.")
+@click.option("--equalize-criterion", type=click.Choice(["weight", "activation"]), default="weight",
+              help="Equalization ranges: weight = DFQ (A's output-channel weight ranges vs B's input-channel "
+              "ranges); activation = measured activation channel ranges vs B's input-channel ranges.")
 @click.option("--bias-correction/--no-bias-correction", default=False,
               help="Subtract the mean output shift caused by weight quantization (empirical, calibration images).")
 @click.option("--mixed-precision", is_flag=True, help="Per-layer weight bits from {2,3,4,6,8} by ZeroQ "

@@ -221,3 +221,53 @@ def test_pipeline_equalize_mixed_student_reloads_bit_exact(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), res.student(x))
     assert [lc.w_bits for _, lc in res.layers.items()] == [l.wq.bits for _, l in quant_layers(loaded)]
+
+
+def test_activation_criterion_equalizes_activation_and_weight_ranges():
+    """With measured activations: a_i / s_i == r2_i * s_i after one sweep of a single pair."""
+    net = Chain().eval()
+    fold_bn(net)
+    x = _x(8)
+    eq = copy.deepcopy(net)
+    from zeroshot_kd.quant.equalize import activation_ranges
+
+    a0 = activation_ranges(net, find_equalization_pairs(net)[:1], [x], torch.device("cpu"))["c1"]
+    r2 = net.c2.weight.detach().abs().transpose(0, 1).flatten(1).amax(1).double()
+    info = equalize(eq, "skip", iterations=1, batches=[x])
+    assert info["criterion"] == "activation"
+    a1 = activation_ranges(eq, find_equalization_pairs(eq)[:1], [x], torch.device("cpu"))["c1"]
+    new2 = eq.c2.weight.detach().abs().transpose(0, 1).flatten(1).amax(1).double()
+    assert torch.allclose(a1, torch.sqrt(a0 * r2), rtol=1e-4) and torch.allclose(new2, torch.sqrt(a0 * r2), rtol=1e-4)
+    with torch.no_grad():
+        assert (eq(x) - net(x)).abs().max().item() <= 1e-5 * max(1.0, net(x).abs().max().item())
+
+
+def test_cli_mixed_precision_equalize_and_bad_budgets(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    base = ["calibrate", "--teacher", "fmnist_mobilenetv2", "--data", "gaussian:32", "--num-images", "32",
+            "--holdout", "0", "--candidates", "10", "--batch-size", "16", "--device", "cpu", "-q"]
+    for budget, msg in (("100MB", "larger than the FP32"), ("0.01x", "below the all-2-bit"), ("big", "not a size")):
+        r = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "bad.pt"), "--mixed-precision",
+                                            "--size-budget", budget])
+        assert r.exit_code == 2 and "Traceback" not in r.output
+        errors = [ln for ln in r.output.splitlines() if ln.startswith("zkd: error:")]
+        assert len(errors) == 1 and msg in errors[0], r.output
+        assert not (tmp_path / "bad.pt").exists()
+    out = tmp_path / "s.pt"
+    r = CliRunner().invoke(cli, base + ["--out", str(out), "--equalize", "--bias-correction", "--mixed-precision",
+                                        "--size-budget", "0.125x"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "report.json").read_text())
+    mp = rep["mixed_precision"]
+    assert mp["size_mb"] <= mp["budget_mb"] + 1e-12 and mp["ratio_of_fp32"] <= 0.125
+    assert mp["size_mb"] == pytest.approx(sum(mp["params"][n] * b for n, b in mp["bits"].items()) / 8e6)
+    assert mp["predicted_sensitivity"] <= mp["uniform_sensitivity"] + 1e-12  # uniform W4 fits 0.125x too
+    assert {r_["layer"]: r_["w_bits"] for r_ in rep["layers"]} == mp["bits"]
+    assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    student = load_student(out)
+    assert student.zkd_info["layers"]["features.1.conv.0.0"]["w_bits"] == mp["bits"]["features.1.conv.0.0"]

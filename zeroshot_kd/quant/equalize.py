@@ -40,9 +40,10 @@ from torch import nn
 from ..errors import ZkdError
 from .fold import set_module
 
-__all__ = ["RELU6_MODES", "ChannelClip", "correct_bias", "equalize", "find_equalization_pairs"]
+__all__ = ["EQUALIZE_CRITERIA", "RELU6_MODES", "ChannelClip", "activation_ranges", "correct_bias", "equalize", "find_equalization_pairs"]
 
 RELU6_MODES = ("clip", "relu", "skip")
+EQUALIZE_CRITERIA = ("activation", "weight")
 
 
 class ChannelClip(nn.Module):
@@ -129,8 +130,33 @@ def _scale_pair(a: nn.Conv2d, b: nn.Conv2d, s: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def activation_ranges(model: nn.Module, pairs: Sequence[tuple[str, str, list[str]]],
+                      batches: Sequence[torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Per-channel ``max |x|`` of each pair's B input (the activation between A and B) over ``batches``."""
+    out: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def fn(m: nn.Module, args: tuple) -> None:
+            x = args[0].detach().float()
+            red = [0] + list(range(2, x.dim()))
+            v = x.abs().amax(red).double().cpu()
+            out[name] = torch.maximum(out[name], v) if name in out else v
+        return fn
+
+    handles = [model.get_submodule(b).register_forward_pre_hook(hook(a)) for a, b, _ in pairs]
+    try:
+        for x in batches:
+            model(x.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+@torch.no_grad()
 def equalize(model: nn.Module, relu6: str = "clip", iterations: int = 20,
-             s_range: tuple[float, float] = (1e-3, 1e3)) -> dict[str, object]:
+             s_range: tuple[float, float] = (1e-3, 1e3), batches: Sequence[torch.Tensor] | None = None,
+             device: torch.device | None = None) -> dict[str, object]:
     """Cross-layer equalization of every pair of :func:`find_equalization_pairs`, in place (float model only).
 
     Args:
@@ -138,6 +164,13 @@ def equalize(model: nn.Module, relu6: str = "clip", iterations: int = 20,
         relu6: ``"clip"``, ``"relu"`` or ``"skip"`` (see the module docstring).
         iterations: sweeps over all pairs.
         s_range: clamp of each step's scales (channels with zero range keep ``s = 1``).
+        batches: calibration images. When given, the criterion is *activation-aware* (a deliberate deviation from
+            DFQ, for per-channel weight grids): A's weight rows are quantized per channel, so their scaling does
+            not matter to A; what a per-tensor activation grid and B's per-output-channel grid see are the
+            activation channel ranges ``a_i`` (measured here, ``max |x_i|``) and B's input column ranges ``r2_i``.
+            ``r1_i`` is then ``a_i`` (tracked as ``a_i / s_i`` through the sweeps, exact by positive
+            homogeneity), so ``a_i / s_i = r2_i * s_i``. Without batches: DFQ's weight criterion.
+        device: where to run ``batches``.
 
     Returns:
         ``{"pairs": [[A, B], ...], "relu6": mode, "replaced": [paths of ChannelClip modules]}``.
@@ -157,19 +190,29 @@ def equalize(model: nn.Module, relu6: str = "clip", iterations: int = 20,
             set_module(model, p, ChannelClip(ch, upper).to(model.get_submodule(a_name).weight.device))
             replaced.append(p)
         used.append((a_name, b_name, between))
+    acts = None
+    if batches is not None:
+        model.eval()
+        acts = activation_ranges(model, used, batches, device or torch.device("cpu"))
     for _ in range(iterations):
         for a_name, b_name, between in used:
             a, b = model.get_submodule(a_name), model.get_submodule(b_name)
-            r1 = a.weight.detach().abs().flatten(1).amax(1).double()
+            if acts is not None and a_name in acts:
+                r1 = acts[a_name].to(a.weight.device)
+            else:
+                r1 = a.weight.detach().abs().flatten(1).amax(1).double()
             r2 = _in_range(b).double()
             s = torch.where((r1 > 0) & (r2 > 0), torch.sqrt(r1 * r2) / r2.clamp_min(1e-30), torch.ones_like(r1))
             s = s.clamp(*s_range)
             _scale_pair(a, b, s)
+            if acts is not None and a_name in acts:
+                acts[a_name] = acts[a_name] / s.to(acts[a_name].device)
             for p in between:
                 m = model.get_submodule(p)
                 if isinstance(m, ChannelClip):
                     m.upper.div_(s.to(m.upper.dtype).to(m.upper.device))
-    return {"pairs": [[a, b] for a, b, _ in used], "relu6": relu6, "replaced": replaced}
+    return {"pairs": [[a, b] for a, b, _ in used], "relu6": relu6, "replaced": replaced,
+            "criterion": "weight" if acts is None else "activation"}
 
 
 def _delta_out(layer: nn.Module, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from .fold import fold_bn
 from .modules import LayerConfig, QuantConfig, check_supported, quantize_model
 from .ranges import NEW_ACT_METHODS, calibrate_act_ranges
 from .recon import ReconConfig, reconstruct
-from .equalize import RELU6_MODES, correct_bias, equalize
+from .equalize import EQUALIZE_CRITERIA, RELU6_MODES, correct_bias, equalize
 from .mixed import choose_bits
 from .report import global_metrics, layer_report
 
@@ -65,6 +65,7 @@ class CalibrationOptions:
     recon_lr: float = 1e-3
     equalize: bool = False
     relu6: str = "clip"
+    equalize_criterion: str = "weight"
     bias_correction: bool = False
     mixed_precision: bool = False
     size_budget: str | None = None
@@ -88,6 +89,8 @@ class CalibrationOptions:
                   (self.temperature > 0, "--temperature must be > 0")]
         checks += [(self.a_method in ACT_METHODS + NEW_ACT_METHODS,
                     f"unknown --a-method {self.a_method!r}; use one of {', '.join(NEW_ACT_METHODS + ACT_METHODS)}"),
+                   (self.equalize_criterion in EQUALIZE_CRITERIA,
+                    f"unknown --equalize-criterion {self.equalize_criterion!r}; use activation or weight"),
                    (self.relu6 in RELU6_MODES, f"unknown --relu6 {self.relu6!r}; use one of {', '.join(RELU6_MODES)}"),
                    (self.size_budget is None or self.mixed_precision, "--size-budget needs --mixed-precision")]
         for ok, msg in checks:
@@ -175,7 +178,11 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
     if config.fold_bn:
         with torch.no_grad():
             folded = fold_bn(student, example=cal_x[:8].to(device))
-    equalized = equalize(student, opts.relu6) if opts.equalize else None
+    equalized = None
+    if opts.equalize:
+        eq_batches = (_batches(cal_x[: opts.act_images or n_cal], 128) if opts.equalize_criterion == "activation"
+                      else None)
+        equalized = equalize(student, opts.relu6, batches=eq_batches, device=device)
     mixed = None
     if opts.mixed_precision:
         mixed = choose_bits(student, config, cal_x[: opts.act_images or n_cal], device, opts.size_budget,

@@ -38,7 +38,7 @@ from .calibrate import calibrate_activations, qparams_from_range
 from .fakequant import FakeQuantizer
 from .modules import QuantConv2d, quant_layers
 
-__all__ = ["NEW_ACT_METHODS", "calibrate_act_ranges", "calibrate_activations_auto", "logit_kl", "search_act_output", "set_weight_quant"]
+__all__ = ["NEW_ACT_METHODS", "calibrate_act_ranges", "calibrate_activations_auto", "following_activations", "logit_kl", "search_act_output", "set_weight_quant"]
 
 NEW_ACT_METHODS = ("auto", "output")
 
@@ -65,9 +65,45 @@ def _set_act(model: nn.Module, enabled: bool) -> None:
             layer.aq.enabled = enabled
 
 
+def following_activations(model: nn.Module) -> dict[str, nn.Module]:
+    """For each quantized layer whose output goes only (through Identity, i.e. a folded BN) into a ReLU / ReLU6 /
+    clip module, that module: errors the activation removes (negative or clipped outputs) do not propagate, so
+    the output search compares post-activation outputs. Untraceable models give ``{}``."""
+    import torch.fx
+
+    from .equalize import ChannelClip
+    from .modules import QUANT_TYPES
+
+    class _Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, QUANT_TYPES + (ChannelClip,)) or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:
+        return {}
+    modules = dict(model.named_modules())
+    out: dict[str, nn.Module] = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), QUANT_TYPES):
+            continue
+        cur = node
+        while len(cur.users) == 1:
+            nxt = next(iter(cur.users))
+            m = modules.get(nxt.target) if nxt.op == "call_module" else None
+            if isinstance(m, nn.Identity):
+                cur = nxt
+                continue
+            if isinstance(m, (nn.ReLU, nn.ReLU6, ChannelClip)):
+                out[str(node.target)] = m
+            break
+    return out
+
+
 @torch.no_grad()
 def search_act_output(model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device,
-                      candidates: int = 100, min_ratio: float = 0.0) -> dict[str, dict[str, float]]:
+                      candidates: int = 100, min_ratio: float = 0.0,
+                      post_activation: bool = False) -> dict[str, dict[str, float]]:
     """Set every activation quantizer's range by the output-error search (see the module docstring).
 
     Args:
@@ -76,6 +112,10 @@ def search_act_output(model: nn.Module, batches: Sequence[torch.Tensor], device:
         device: where to run.
         candidates: clipping ratios ``k / candidates``, k = 1..candidates, are tried.
         min_ratio: skip ratios below this (0 tries them all).
+        post_activation: compare outputs after the ReLU/ReLU6 that directly follows the layer, if any
+            (:func:`following_activations`). Off by default: measured on fmnist_mobilenetv2 (256 real images,
+            2000 test images) it gave W4A4 88.95 vs 88.10, W3A3 77.00 vs 78.00, but every layer at W4A4 47.35
+            vs 76.60 -- the pre-activation error is the safer criterion.
 
     Returns:
         Per layer: observed min/max, sign, chosen ratio, scale and zero point.
@@ -84,6 +124,7 @@ def search_act_output(model: nn.Module, batches: Sequence[torch.Tensor], device:
     layers = [(n, l) for n, l in quant_layers(model) if l.aq is not None]
     lo: dict[str, float] = {n: math.inf for n, _ in layers}
     hi: dict[str, float] = {n: -math.inf for n, _ in layers}
+    post = following_activations(model) if post_activation else {}
     _set_act(model, False)
     handles = []
     try:
@@ -112,10 +153,11 @@ def search_act_output(model: nn.Module, batches: Sequence[torch.Tensor], device:
         def err_hook(name: str):
             def hook(m: nn.Module, args: tuple) -> None:
                 x = args[0].detach().float()
-                ref = _layer_out(m, x, m.weight)
+                act = post.get(name, nn.Identity())
+                ref = act(_layer_out(m, x, m.weight))
                 wq = m.wq(m.weight)
                 aq: FakeQuantizer = m.aq
-                e = torch.stack([(_layer_out(m, _fq(x, s, z, aq.qmin, aq.qmax), wq) - ref).pow(2).sum()
+                e = torch.stack([(act(_layer_out(m, _fq(x, s, z, aq.qmin, aq.qmax), wq)) - ref).pow(2).sum()
                                  for s, z in grids[name]])
                 errs[name] += e.double().cpu()
             return hook
