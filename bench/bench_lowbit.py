@@ -11,7 +11,8 @@ Fashion-MNIST test images:
 * ``+ CLE(relu)/BC``: the same with ReLU6 replaced by ReLU (DFQ's MobileNetV2 recipe; changes the float net);
 * ``+ recon``: ``+ CLE/BC`` followed by block reconstruction (AdaRound + QDrop) at ``--recon-iters`` steps/block;
 * ``mixed @ uniform size``: ``+ CLE/BC`` with per-layer weight bits from {2,3,4,6,8} (ZeroQ sensitivity, DP
-  allocation) at the weight size of the uniform student.
+  allocation) at the weight size of the uniform student;
+* ``output + recon`` / ``output + mixed``: the same two on ``output ranges`` without CLE/BC.
 
 Small settings for a shared CPU (defaults: 256 calibration images, 2000 test images, 100 recon steps/block).
 Every run is cached in ``bench/cache/lowbit/``. Writes ``bench/results/lowbit.md`` and ``lowbit.json``.
@@ -56,6 +57,8 @@ COLUMNS: list[tuple[str, dict[str, Any]]] = [
     ("+ CLE(relu)/BC", {**CLE_BC, "relu6": "relu"}),
     ("+ recon", {**CLE_BC, "recon": True}),
     ("mixed @ uniform size", {**CLE_BC, "mixed_precision": True}),
+    ("output + recon", {"a_method": "output", "recon": True}),
+    ("output + mixed", {"a_method": "output", "mixed_precision": True}),
 ]
 
 
