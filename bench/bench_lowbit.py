@@ -49,16 +49,17 @@ from zeroshot_kd.quant.pipeline import CalibrationOptions, calibrate_student  # 
 
 SETTINGS = [("W4A4", 4, 4, "first,last"), ("W3A3", 3, 3, "first,last"), ("W4A4 all layers", 4, 4, "none")]
 CLE_BC = {"a_method": "output", "equalize": True, "bias_correction": True}
+NO_PRE = {"equalize": False, "bias_correction": False}  # explicit: the library default depends on --keep-8bit
 COLUMNS: list[tuple[str, dict[str, Any]]] = [
-    ("naive min/max", {"naive": True}),
-    ("today PTQ", {"a_method": "mse"}),
-    ("output ranges", {"a_method": "output"}),
+    ("naive min/max", {"naive": True, **NO_PRE}),
+    ("today PTQ", {"a_method": "mse", **NO_PRE}),
+    ("output ranges", {"a_method": "output", **NO_PRE}),
     ("+ CLE/BC", CLE_BC),
     ("+ CLE(relu)/BC", {**CLE_BC, "relu6": "relu"}),
     ("+ recon", {**CLE_BC, "recon": True}),
     ("mixed @ uniform size", {**CLE_BC, "mixed_precision": True}),
-    ("output + recon", {"a_method": "output", "recon": True}),
-    ("output + mixed", {"a_method": "output", "mixed_precision": True}),
+    ("output + recon", {"a_method": "output", "recon": True, **NO_PRE}),
+    ("output + mixed", {"a_method": "output", "mixed_precision": True, **NO_PRE}),
 ]
 
 
@@ -117,7 +118,7 @@ def run_one(teacher: Any, tname: str, source: str, n: int, setting: tuple, col: 
     data = "fashion-mnist:train" if source == "real" else f"gaussian:{n}"
     t0 = time.perf_counter()
     opts = CalibrationOptions(data=data, num_images=n, holdout=0, recon_iters=args.recon_iters, progress=False,
-                              **({"a_method": "minmax", "w_method": "minmax"} if naive else kw))
+                              **({"a_method": "minmax", "w_method": "minmax", **NO_PRE} if naive else kw))
     res = calibrate_student(teacher, QuantConfig(w, a, keep_8bit=keep), opts, torch.device("cpu"))
     if naive:
         ds = make_dataset(data, teacher.spec, num_images=n, seed=0)

@@ -55,16 +55,17 @@ bits_type = int  # validated below, so a bad value gets zkd's one-line error
               default="output", help="Activation range search per tensor: output = clipping that minimizes the "
               "consuming layer's output error; auto = output, mse or minmax, whichever gives the lowest logit KL on "
               "the calibration images; mse/lp/percentile/minmax = the tensor's own error.")
-@click.option("--equalize/--no-equalize", default=False, help="Cross-layer equalization of consecutive conv pairs "
-              "(DFQ) on the folded float copy before quantization.")
+@click.option("--equalize/--no-equalize", default=None, help="Cross-layer equalization of consecutive conv pairs "
+              "(DFQ) on the folded float copy before quantization [default: on with --keep-8bit none, else off].")
 @click.option("--relu6", type=click.Choice(["clip", "relu", "skip"]), default="clip",
               help="Equalization through ReLU6: clip = per-channel rescaled clip (exact), relu = replace by ReLU, "
               "skip = leave those pairs.")
 @click.option("--equalize-criterion", type=click.Choice(["weight", "activation"]), default="weight",
               help="Equalization ranges: weight = DFQ (A's output-channel weight ranges vs B's input-channel "
               "ranges); activation = measured activation channel ranges vs B's input-channel ranges.")
-@click.option("--bias-correction/--no-bias-correction", default=False,
-              help="Subtract the mean output shift caused by weight quantization (empirical, calibration images).")
+@click.option("--bias-correction/--no-bias-correction", default=None,
+              help="Subtract the mean output shift caused by weight quantization (empirical, calibration images) "
+              "[default: on with --keep-8bit none, else off].")
 @click.option("--mixed-precision", is_flag=True, help="Per-layer weight bits from {2,3,4,6,8} by ZeroQ "
               "sensitivity within --size-budget.")
 @click.option("--size-budget", default=None, metavar="MB|RATIO", help="Weight size budget for --mixed-precision, "

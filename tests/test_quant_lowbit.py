@@ -271,3 +271,16 @@ def test_cli_mixed_precision_equalize_and_bad_budgets(tmp_path):
     assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     student = load_student(out)
     assert student.zkd_info["layers"]["features.1.conv.0.0"]["w_bits"] == mp["bits"]["features.1.conv.0.0"]
+
+
+def test_pre_steps_default_on_only_with_every_layer_quantized():
+    net = Chain().eval().requires_grad_(False)
+    teacher = Teacher(net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(net))
+    reports = {}
+    for keep in ("first,last", "none"):
+        opts = CalibrationOptions(data="gaussian:16", num_images=16, holdout=0, candidates=5, progress=False)
+        reports[keep] = calibrate_student(teacher, QuantConfig(4, 4, keep_8bit=keep), opts,
+                                          torch.device("cpu")).report
+    assert reports["first,last"]["equalization"] is None and reports["first,last"]["bias_correction"] is None
+    assert reports["none"]["equalization"]["pairs"] == [["c1", "c2"], ["c2", "c3"], ["c3", "c4"]]
+    assert set(reports["none"]["bias_correction"]) == {"c1", "c2", "c3", "c4", "fc"}

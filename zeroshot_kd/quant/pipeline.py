@@ -63,10 +63,10 @@ class CalibrationOptions:
     recon_drop: float = 0.5
     recon_lambda: float = 0.01
     recon_lr: float = 1e-3
-    equalize: bool = False
+    equalize: bool | None = None
     relu6: str = "clip"
     equalize_criterion: str = "weight"
-    bias_correction: bool = False
+    bias_correction: bool | None = None
     mixed_precision: bool = False
     size_budget: str | None = None
     finetune_steps: int = 0
@@ -178,8 +178,11 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
     if config.fold_bn:
         with torch.no_grad():
             folded = fold_bn(student, example=cal_x[:8].to(device))
+    # None = on where the benchmark shows it helps: every layer quantized (--keep-8bit none); see docs
+    do_equalize = opts.equalize if opts.equalize is not None else not config.keep_8bit
+    do_bias = opts.bias_correction if opts.bias_correction is not None else not config.keep_8bit
     equalized = None
-    if opts.equalize:
+    if do_equalize:
         eq_batches = (_batches(cal_x[: opts.act_images or n_cal], 128) if opts.equalize_criterion == "activation"
                       else None)
         equalized = equalize(student, opts.relu6, batches=eq_batches, device=device)
@@ -192,7 +195,7 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
     student.requires_grad_(False).eval()
     calibrate_weights(student, opts.w_method, opts.lp_p, opts.candidates)
     bias_shift = (correct_bias(student, _batches(cal_x[: opts.act_images or n_cal], 128), device)
-                  if opts.bias_correction else None)
+                  if do_bias else None)
     timing["weights"] = time.perf_counter() - t
 
     t = time.perf_counter()
