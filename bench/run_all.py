@@ -14,6 +14,8 @@ ORDER = [
     ["bench_quant.py", "--teacher", "fmnist_mobilenetv2", "--name", "quant-mobilenetv2", "--recon-iters", "300",
      "--extras-ptq-only"],
     ["bench_objectives.py"],
+    # issue 11: W4A4 / W3A3 / all-layers W4A4 for both teachers, new ranges, CLE/BC, recon, mixed precision
+    ["bench_lowbit.py"],
 ]
 
 here = Path(__file__).resolve().parent

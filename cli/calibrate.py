@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -53,8 +54,25 @@ bits_type = int  # validated below, so a bad value gets zkd's one-line error
               "(without folding, BN stays in eval mode).")
 @click.option("--w-method", type=click.Choice(["lp", "mse", "minmax"]), default="lp",
               help="Weight range search per channel.")
-@click.option("--a-method", type=click.Choice(["mse", "lp", "percentile", "minmax"]), default="mse",
-              help="Activation range search per tensor.")
+@click.option("--a-method", type=click.Choice(["output", "auto", "mse", "lp", "percentile", "minmax"]),
+              default="output", help="Activation range search per tensor: output = clipping that minimizes the "
+              "consuming layer's output error; auto = output, mse or minmax, whichever gives the lowest logit KL on "
+              "the calibration images; mse/lp/percentile/minmax = the tensor's own error.")
+@click.option("--equalize/--no-equalize", default=None, help="Cross-layer equalization of consecutive conv pairs "
+              "(DFQ) on the folded float copy before quantization [default: on with --keep-8bit none, else off].")
+@click.option("--relu6", type=click.Choice(["clip", "relu", "skip"]), default="clip",
+              help="Equalization through ReLU6: clip = per-channel rescaled clip (exact), relu = replace by ReLU, "
+              "skip = leave those pairs.")
+@click.option("--equalize-criterion", type=click.Choice(["weight", "activation"]), default="weight",
+              help="Equalization ranges: weight = DFQ (A's output-channel weight ranges vs B's input-channel "
+              "ranges); activation = measured activation channel ranges vs B's input-channel ranges.")
+@click.option("--bias-correction/--no-bias-correction", default=None,
+              help="Subtract the mean output shift caused by weight quantization (empirical, calibration images) "
+              "[default: on with --keep-8bit none, else off].")
+@click.option("--mixed-precision", is_flag=True, help="Per-layer weight bits from {2,3,4,6,8} by ZeroQ "
+              "sensitivity within --size-budget.")
+@click.option("--size-budget", default=None, metavar="MB|RATIO", help="Weight size budget for --mixed-precision, "
+              "e.g. 2.5MB or 0.125x of FP32 [default: the size of the uniform --bits student].")
 @click.option("--lp-p", type=click.FloatRange(min=1), default=2.4, help="Exponent of the lp searches.")
 @click.option("--candidates", type=click.IntRange(min=1), default=100, help="Clipping ratios tried per range.")
 @click.option("--percentile", type=click.FloatRange(0, 100, min_open=True), default=99.99,
@@ -93,14 +111,10 @@ bits_type = int  # validated below, so a bad value gets zkd's one-line error
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @json_option
 @handle_errors
-def command(data: str, num_images: int, holdout: int, eval_data: str | None, eval_images: int | None, bits: int,
-            w_bits: int | None, a_bits: int | None, w_asym: bool, keep_8bit: str, fold_bn: bool, w_method: str,
-            a_method: str, lp_p: float, candidates: int, percentile: float, act_images: int | None,
-            batch_size: int, recon: bool, recon_iters: int, recon_images: int | None, recon_drop: float,
-            recon_lambda: float, recon_lr: float, finetune_steps: int, lr: float, scale_lr: float | None,
-            temperature: float, objectives: tuple[str, ...],
-            out: str, report_dir: str | None, device: str, precision: str, seed: int, quiet: bool, as_json: bool,
-            **kw) -> None:  # noqa: ANN003
+def command(bits: int, w_bits: int | None, a_bits: int | None, w_asym: bool, keep_8bit: str, fold_bn: bool,
+            objectives: tuple[str, ...], out: str, report_dir: str | None, device: str, precision: str, seed: int,
+            quiet: bool, as_json: bool, **kw) -> None:  # noqa: ANN003
+    """Options named like CalibrationOptions fields reach it through ``kw``; the rest are the teacher options."""
     from zeroshot_kd import load_teacher
     from zeroshot_kd.errors import ZkdError
     from zeroshot_kd.io import atomic_write_bytes, atomic_write_json
@@ -127,14 +141,9 @@ def command(data: str, num_images: int, holdout: int, eval_data: str | None, eva
 
         build(list(objectives))  # bad names or parameters fail before any work
     config = QuantConfig(w_bits or bits, a_bits or bits, w_asym, keep_8bit, fold_bn)
-    opts = CalibrationOptions(data=data, num_images=num_images, holdout=holdout, eval_data=eval_data,
-                              eval_images=eval_images, batch_size=batch_size, w_method=w_method, a_method=a_method,
-                              lp_p=lp_p, candidates=candidates, percentile=percentile, act_images=act_images,
-                              recon=recon, recon_iters=recon_iters, recon_images=recon_images, recon_drop=recon_drop,
-                              recon_lambda=recon_lambda, recon_lr=recon_lr,
-                              finetune_steps=finetune_steps, lr=lr, scale_lr=scale_lr,
-                              temperature=temperature, seed=seed, precision=precision, progress=not quiet)
-    opts.verify = kw.pop("verify", True)
+    option_names = {f.name for f in dataclasses.fields(CalibrationOptions)}
+    opts = CalibrationOptions(**{k: kw.pop(k) for k in list(kw) if k in option_names}, seed=seed,
+                              precision=precision, progress=not quiet)
     dev = resolve_device(device)
     teacher = load_checked_teacher(dev, **teacher_kwargs(kw))
     echo(f"teacher: {teacher.source.get('kind')} {teacher.source.get('spec')}, input {teacher.spec.shape}; "
@@ -146,11 +155,19 @@ def command(data: str, num_images: int, holdout: int, eval_data: str | None, eva
                  architecture_record(teacher), calibration)
     atomic_write_json(rdir / "report.json", result.report)
     atomic_write_bytes(rdir / "report.md", render_markdown(result.report).encode())
+    if result.report.get("mixed_precision"):
+        from zeroshot_kd.quant.mixed import frontier_png
+
+        atomic_write_bytes(rdir / "frontier.png", frontier_png(result.report["mixed_precision"]))
+        mp = result.report["mixed_precision"]
+        echo(f"mixed precision: {mp['size_mb']:.4f} MB of budget {mp['budget_mb']:.4f} MB "
+             f"({mp['ratio_of_fp32']:.4f}x FP32), predicted sensitivity {mp['predicted_sensitivity']:.4g} "
+             f"(uniform W{config.w_bits}: {mp['uniform_sensitivity']:.4g}) -> {rdir / 'frontier.png'}")
     s = result.summary
     line = (f"W{config.w_bits}A{config.a_bits}: {s['agreement_label']} {s['heldout_agreement']:.2f}%, "
             f"KL {s['heldout_kl']:.4f}")
     if "student_top1" in s and s["student_top1"] is not None:
-        line += f"; {eval_data} top-1 teacher {s['teacher_top1']:.2f}% student {s['student_top1']:.2f}%"
+        line += f"; {opts.eval_data} top-1 teacher {s['teacher_top1']:.2f}% student {s['student_top1']:.2f}%"
     echo(f"{line}; {s['seconds']:.1f}s -> {out_path} (+ {rdir / 'report.md'})")
     if as_json:
         emit_json({"out": str(out_path), "report": str(rdir / "report.json"), **json.loads(json.dumps(s))})

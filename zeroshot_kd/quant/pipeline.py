@@ -31,11 +31,14 @@ from ..data import make_dataset, parse_source
 from ..errors import ZkdError
 from ..evaluate import evaluate_model
 from ..objectives import ObjectiveSet
-from .calibrate import calibrate_activations, calibrate_weights
+from .calibrate import ACT_METHODS, calibrate_weights
 from .finetune import DEFAULT_TEMPERATURE, finetune, finetune_objectives
 from .fold import fold_bn
 from .modules import LayerConfig, QuantConfig, check_supported, quantize_model
+from .ranges import NEW_ACT_METHODS, calibrate_act_ranges
 from .recon import ReconConfig, reconstruct
+from .equalize import EQUALIZE_CRITERIA, RELU6_MODES, correct_bias, equalize
+from .mixed import choose_bits
 from .report import CALIBRATION_SET_AGREEMENT, global_metrics, layer_report
 
 __all__ = ["CalibrationOptions", "CalibrationResult", "calibrate_student", "check_data_teacher", "data_kind"]
@@ -52,7 +55,7 @@ class CalibrationOptions:
     eval_images: int | None = None
     batch_size: int = 32
     w_method: str = "lp"
-    a_method: str = "mse"
+    a_method: str = "output"
     lp_p: float = 2.4
     candidates: int = 100
     percentile: float = 99.99
@@ -63,6 +66,12 @@ class CalibrationOptions:
     recon_drop: float = 0.5
     recon_lambda: float = 0.01
     recon_lr: float = 1e-3
+    equalize: bool | None = None
+    relu6: str = "clip"
+    equalize_criterion: str = "weight"
+    bias_correction: bool | None = None
+    mixed_precision: bool = False
+    size_budget: str | None = None
     finetune_steps: int = 0
     lr: float = 1e-5
     scale_lr: float | None = None
@@ -82,6 +91,12 @@ class CalibrationOptions:
                   (self.recon_lr > 0, "--recon-lr must be > 0"),
                   (self.finetune_steps >= 0, "--finetune-steps must be >= 0"), (self.lr > 0, "--lr must be > 0"),
                   (self.temperature > 0, "--temperature must be > 0")]
+        checks += [(self.a_method in ACT_METHODS + NEW_ACT_METHODS,
+                    f"unknown --a-method {self.a_method!r}; use one of {', '.join(NEW_ACT_METHODS + ACT_METHODS)}"),
+                   (self.equalize_criterion in EQUALIZE_CRITERIA,
+                    f"unknown --equalize-criterion {self.equalize_criterion!r}; use activation or weight"),
+                   (self.relu6 in RELU6_MODES, f"unknown --relu6 {self.relu6!r}; use one of {', '.join(RELU6_MODES)}"),
+                   (self.size_budget is None or self.mixed_precision, "--size-budget needs --mixed-precision")]
         for ok, msg in checks:
             if not ok:
                 raise ZkdError(msg)
@@ -165,18 +180,32 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
     if config.fold_bn:
         with torch.no_grad():
             folded = fold_bn(student, example=cal_x[:8].to(device))
+    # None = on where the benchmark shows it helps: every layer quantized (--keep-8bit none); see docs
+    do_equalize = opts.equalize if opts.equalize is not None else not config.keep_8bit
+    do_bias = opts.bias_correction if opts.bias_correction is not None else not config.keep_8bit
+    equalized = None
+    if do_equalize:
+        eq_batches = (_batches(cal_x[: opts.act_images or n_cal], 128) if opts.equalize_criterion == "activation"
+                      else None)
+        equalized = equalize(student, opts.relu6, batches=eq_batches, device=device)
+    mixed = None
+    if opts.mixed_precision:
+        mixed = choose_bits(student, config, cal_x[: opts.act_images or n_cal], device, opts.size_budget,
+                            w_method=opts.w_method, p=opts.lp_p, candidates=opts.candidates)
     fp_model = copy.deepcopy(student).eval().requires_grad_(False)
-    layers = quantize_model(student, config)
+    layers = quantize_model(student, config, mixed.layer_configs if mixed is not None else None)
     student.requires_grad_(False).eval()
     calibrate_weights(student, opts.w_method, opts.lp_p, opts.candidates)
+    bias_shift = (correct_bias(student, _batches(cal_x[: opts.act_images or n_cal], 128), device)
+                  if do_bias else None)
     timing["weights"] = time.perf_counter() - t
 
     t = time.perf_counter()
     act_x = cal_x[: opts.act_images or n_cal]
     act_batches = _batches(act_x, opts.batch_size)
-    act_stats = calibrate_activations(student, act_batches, len(act_batches), device, opts.precision, opts.a_method,
-                                      opts.lp_p, opts.candidates, opts.percentile, seed=opts.seed,
-                                      progress=opts.progress)
+    act_stats, range_kls = calibrate_act_ranges(student, act_batches, device, opts.a_method, opts.precision,
+                                                opts.lp_p, opts.candidates, opts.percentile, seed=opts.seed,
+                                                progress=opts.progress)
     for name, st in act_stats.items():
         layers[name].a_signed = bool(st["signed"])
     timing["activations"] = time.perf_counter() - t
@@ -233,6 +262,11 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
         "eval": evaluation,
         "layers": rows,
         "recon": recon_hist,
+        "ranges": {"method": opts.a_method, "kl_by_method": range_kls,
+                   "chosen": next(iter(act_stats.values()), {}).get("method", opts.a_method)},
+        "equalization": equalized,
+        "bias_correction": bias_shift,
+        "mixed_precision": mixed.to_dict() if mixed is not None else None,
         "finetune": ft_hist,
         "timing": timing,
     }

@@ -187,6 +187,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Fine-tuning", "", "| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for r in report["finetune"]:
             lines.append(f"| {r['step']} | " + " | ".join(_fmt(r[k], 5) for k in keys) + " |")
+    if report.get("mixed_precision"):
+        mp = report["mixed_precision"]
+        lines += ["", "## Mixed precision (weight bits per layer: see the per-layer table)", "",
+                  f"Weight size {mp['size_mb']:.4f} MB ({mp['ratio_of_fp32']:.4f}x FP32 {mp['fp32_mb']:.4f} MB) within "
+                  f"the budget {mp['budget_mb']:.4f} MB; uniform student {mp['uniform_mb']:.4f} MB. Predicted "
+                  f"sensitivity (sum of per-layer KL) {_fmt(mp['predicted_sensitivity'], 5)}, uniform "
+                  f"{_fmt(mp['uniform_sensitivity'], 5)}.", "", "![frontier](frontier.png)"]
     lines += ["", "## Timing (s)", "", "| stage | seconds |", "|---|---|"]
     for k, v in report["timing"].items():
         lines.append(f"| {k} | {_fmt(v)} |")

@@ -15,6 +15,8 @@ Contents (all plain containers and tensors, so ``torch.load(..., weights_only=Tr
     state            the rest of the state_dict: biases, weight scales/zero points (``*.wq.*``), activation
                      scales/zero points (``*.aq.*``), any BatchNorm kept unfolded
     calibration      summary of how it was made (data, methods, timing)
+    channel_clips    (only when cross-layer equalization rescaled ReLU6 clip points) module paths replaced by
+                     ``ChannelClip``; their per-channel bounds are ``<path>.upper`` in ``state``
 
 The weight of a quantized layer is rebuilt as ``(q - z) * s``; fake-quantizing it again gives the same codes, so
 the reloaded student reproduces the saved one's outputs bit for bit.
@@ -134,6 +136,11 @@ def save_student(path: str | os.PathLike, student: nn.Module, config: QuantConfi
         "state": state,
         "calibration": json.loads(json.dumps(calibration or {}, default=str)),
     }
+    from .equalize import ChannelClip
+
+    clips = [n for n, m in student.named_modules() if isinstance(m, ChannelClip)]
+    if clips:  # cross-layer equalization replaced ReLU6 modules (the per-channel bounds are in ``state``)
+        obj["channel_clips"] = clips
     # Serialize to memory first: torch.save names the zip archive after the file it writes, and the temporary
     # name holds the PID, so saving to a file directly would make the bytes differ from run to run.
     buf = io.BytesIO()
@@ -204,6 +211,14 @@ def load_student(path: str | os.PathLike, model: nn.Module | None = None,
         if conv.bias is None:
             conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype))
         set_module(model, bn_name, nn.Identity())
+    if obj.get("channel_clips"):
+        from .equalize import ChannelClip
+
+        for clip_path in obj["channel_clips"]:
+            upper = obj["state"].get(f"{clip_path}.upper")
+            if upper is None:
+                raise ZkdError(f"{path}: the file lacks the clip bounds of {clip_path!r}; it is damaged")
+            set_module(model, clip_path, ChannelClip(upper.numel(), upper))
     config = QuantConfig.from_dict(obj["config"])
     overrides = {name: LayerConfig(name, d["kind"], int(d["w_bits"]), None if d["a_bits"] is None else int(d["a_bits"]),
                                    bool(d["w_asym"]), d.get("role", ""), bool(d.get("a_signed", False)))

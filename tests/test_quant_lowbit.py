@@ -1,0 +1,286 @@
+"""Low-bit pre-steps and choices: output-error activation ranges, cross-layer equalization, bias correction,
+mixed-precision allocation under a size budget (values checked by closed forms and brute force)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from zeroshot_kd.data import FASHION_MNIST_SPEC
+from zeroshot_kd.errors import ZkdError
+from zeroshot_kd.quant.calibrate import calibrate_weights, qparams_from_range
+from zeroshot_kd.quant.equalize import ChannelClip, correct_bias, equalize, find_equalization_pairs
+from zeroshot_kd.quant.fold import fold_bn
+from zeroshot_kd.quant.mixed import allocate, choose_bits, parse_size_budget
+from zeroshot_kd.quant.modules import QuantConfig, QuantLinear, quant_layers
+from zeroshot_kd.quant.pipeline import CalibrationOptions, calibrate_student
+from zeroshot_kd.quant.ranges import search_act_output
+from zeroshot_kd.quant.student import load_student, save_student
+from zeroshot_kd.teachers import Teacher, state_sha256
+
+
+def _bn(c: int, g: torch.Generator) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(c).eval()
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(c, generator=g) * 2 + 0.1)
+        bn.bias.copy_(torch.randn(c, generator=g))
+        bn.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
+        bn.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return bn
+
+
+class Chain(nn.Module):
+    """conv -> BN -> ReLU -> conv -> BN -> ReLU6 -> depthwise -> BN -> ReLU6 -> pointwise -> pool -> fc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        self.c1, self.b1, self.a1 = nn.Conv2d(1, 6, 3, padding=1, bias=False), _bn(6, g), nn.ReLU()
+        self.c2, self.b2, self.a2 = nn.Conv2d(6, 8, 1, bias=False), _bn(8, g), nn.ReLU6()
+        self.c3, self.b3, self.a3 = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), _bn(8, g), nn.ReLU6()
+        self.c4 = nn.Conv2d(8, 5, 1)
+        self.fc = nn.Linear(5, 10)
+        with torch.no_grad():  # very unequal channel ranges, as in real depthwise nets
+            self.c2.weight.mul_(torch.logspace(-1, 1, 8).view(-1, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a1(self.b1(self.c1(x)))
+        x = self.a2(self.b2(self.c2(x)))
+        x = self.a3(self.b3(self.c3(x)))
+        return self.fc(self.c4(x).mean((2, 3)))
+
+
+def _x(n: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def test_equalization_keeps_outputs_and_relu6_modes():
+    net = Chain().eval()
+    fold_bn(net)
+    x = _x()
+    with torch.no_grad():
+        ref = net(x)
+        pairs = find_equalization_pairs(net)
+        assert [(a, b) for a, b, _ in pairs] == [("c1", "c2"), ("c2", "c3"), ("c3", "c4")]
+        clip = copy.deepcopy(net)
+        info = equalize(clip, "clip")
+        assert info["replaced"] == ["a2", "a3"] and isinstance(clip.a2, ChannelClip)
+        assert (clip(x) - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+        skip = copy.deepcopy(net)
+        assert equalize(skip, "skip")["pairs"] == [["c1", "c2"]]  # the other two pass through ReLU6
+        assert (skip(x) - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+        relu = copy.deepcopy(net)
+        equalize(relu, "relu")
+        assert torch.isinf(relu.a2.upper).all()
+
+
+def test_equalization_closed_form_ranges():
+    """One pair, one sweep: r1_i / s_i == r2_i * s_i == sqrt(r1_i r2_i)."""
+    net = Chain().eval()
+    fold_bn(net)
+    r1 = net.c1.weight.detach().abs().flatten(1).amax(1)
+    r2 = net.c2.weight.detach().abs().transpose(0, 1).flatten(1).amax(1)
+    eq = copy.deepcopy(net)
+    equalize(eq, "skip", iterations=1)  # only (c1, c2) is equalized
+    new1 = eq.c1.weight.detach().abs().flatten(1).amax(1)
+    new2 = eq.c2.weight.detach().abs().transpose(0, 1).flatten(1).amax(1)
+    expect = torch.sqrt(r1 * r2)
+    assert torch.allclose(new1, expect, rtol=1e-5) and torch.allclose(new2, expect, rtol=1e-5)
+    s = torch.sqrt(r1 * r2) / r2
+    assert torch.allclose(eq.c1.bias, net.c1.bias / s, rtol=1e-5)
+
+
+def test_depthwise_pair_ranges_equal_after_sweeps():
+    net = Chain().eval()
+    fold_bn(net)
+    equalize(net, "clip", iterations=30)
+    r_dw_out = net.c3.weight.detach().abs().flatten(1).amax(1)
+    r_pw_in = net.c4.weight.detach().abs().transpose(0, 1).flatten(1).amax(1)
+    assert torch.allclose(r_dw_out, r_pw_in, rtol=1e-3)  # last pair is equalized exactly in every sweep
+
+
+def test_bias_correction_removes_mean_shift_of_linear():
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 4)
+    q = QuantLinear.from_float(lin, 3, None, False)
+    calibrate_weights(q, "minmax")
+    mu = torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0, -1.0])
+    noise = torch.randn(64, 6, generator=torch.Generator().manual_seed(2))
+    x = mu + noise - noise.mean(0)  # the sample mean is exactly mu
+    wq = q.wq(q.weight).detach()
+    expected_shift = (wq - lin.weight.detach()) @ mu
+    b0 = q.bias.detach().clone()
+    correct_bias(q, [x[:32], x[32:]], torch.device("cpu"))
+    assert torch.allclose(b0 - q.bias.detach(), expected_shift, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(q(x).mean(0), lin(x).mean(0), atol=1e-5)
+
+
+def test_output_search_picks_bruteforce_optimum():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 5)
+    q = QuantLinear.from_float(lin, 4, 3, False)
+    calibrate_weights(q, "lp")
+    g = torch.Generator().manual_seed(4)
+    x = torch.relu(torch.randn(96, 16, generator=g)) * torch.rand(1, 16, generator=g) * 3
+    x[0, 3] = 40.0  # an outlier
+    stats = search_act_output(q, [x[:48], x[48:]], torch.device("cpu"), candidates=25)
+    with torch.no_grad():
+        ref = lin(x)
+        wq = q.wq(q.weight)
+        errs = []
+        for k in range(25, 0, -1):
+            s, z = qparams_from_range(torch.tensor([0.0]), torch.tensor([40.0 * k / 25]), 0, 7, True)
+            xq = torch.clamp(torch.round(x / s), 0, 7) * s
+            errs.append((torch.nn.functional.linear(xq, wq, q.bias) - ref).pow(2).sum().item())
+    best = 1 - errs.index(min(errs)) / 25
+    assert stats[""]["ratio"] == pytest.approx(best)
+    assert errs[errs.index(min(errs))] <= errs[0]  # never worse than min/max
+    assert q.aq.scale.item() == pytest.approx(40.0 * best / 7, rel=1e-6)
+
+
+def _brute(params, table, budget):
+    best = (math.inf, None)
+    for combo in itertools.product(*[sorted(t) for t in table]):
+        size = sum(n * b for n, b in zip(params, combo))
+        if size <= budget:
+            s = sum(t[b] for t, b in zip(table, combo))
+            if s < best[0]:
+                best = (s, list(combo))
+    return best
+
+
+def test_allocator_matches_bruteforce_and_respects_budget():
+    g = torch.Generator().manual_seed(0)
+    bits = (2, 3, 4, 6, 8)
+    for trial in range(6):
+        params = [int(v) for v in torch.randint(3, 40, (4,), generator=g)]
+        table = []
+        for _ in params:  # decreasing sensitivity with bits, as measured ones are
+            v = sorted(torch.rand(5, generator=g).tolist(), reverse=True)
+            table.append({b: v[i] * 10 ** (-i) for i, b in enumerate(bits)})
+        lo, hi = 2 * sum(params), 8 * sum(params)
+        for budget in (lo, (lo + hi) // 3, (lo + hi) // 2, hi - 5, hi):
+            got, total, front = allocate(params, table, budget)
+            best, combo = _brute(params, table, budget)
+            assert total == pytest.approx(best, rel=1e-12, abs=1e-15)
+            assert sum(n * b for n, b in zip(params, got)) <= budget
+            assert sum(t[b] for t, b in zip(table, got)) == pytest.approx(best, rel=1e-12, abs=1e-15)
+            assert all(front[i][1] > front[i + 1][1] for i in range(len(front) - 1))
+    # coarse DP units (resolution 7): rounding up keeps every answer within budget
+    params = [1000, 333, 2047]
+    table = [{2: 5.0, 4: 1.0, 8: 0.0}, {2: 2.0, 4: 0.5, 8: 0.0}, {2: 9.0, 4: 2.0, 8: 0.0}]
+    for budget in range(2 * sum(params), 8 * sum(params), 997):
+        got, _, _ = allocate(params, table, budget, resolution=7)
+        assert sum(n * b for n, b in zip(params, got)) <= budget
+
+
+def test_bad_budgets_are_one_line_errors():
+    fp32, min_bits = 32 * 1000, 2 * 1000
+    assert parse_size_budget("0.125x", fp32, min_bits) == 4000
+    assert parse_size_budget("0.0005MB", fp32, min_bits) == 4000
+    for text, word in (("1MB", "larger than the FP32"), ("1.5x", "larger than the FP32"),
+                       ("0.0001MB", "below the all-2-bit"), ("0.01x", "below the all-2-bit"), ("lots", "not a size")):
+        with pytest.raises(ZkdError, match=word) as e:
+            parse_size_budget(text, fp32, min_bits)
+        assert "\n" not in str(e.value)
+
+
+def test_choose_bits_fits_budget_and_keeps_exempt_layers():
+    net = Chain().eval()
+    fold_bn(net)
+    config = QuantConfig(4, 4)
+    mp = choose_bits(net, config, _x(32), torch.device("cpu"), "0.15x", candidates=10)
+    assert mp.bits["c1"] == 8 and mp.bits["fc"] == 8  # keep-8bit first,last
+    size = sum(mp.params[n] * b for n, b in mp.bits.items())
+    assert size == mp.size_bits <= mp.budget_bits == math.floor(0.15 * mp.fp32_bits)
+    # sensitivity at 8 bits is below that at 2 bits for every layer
+    assert all(r[8] <= r[2] for r in mp.sensitivity.values())
+
+
+def test_pipeline_equalize_mixed_student_reloads_bit_exact(tmp_path):
+    net = Chain().eval().requires_grad_(False)
+    teacher = Teacher(net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(net))
+    config = QuantConfig(4, 4)
+    opts = CalibrationOptions(data="gaussian:32", num_images=32, holdout=0, batch_size=16, candidates=10,
+                              equalize=True, bias_correction=True, mixed_precision=True, size_budget="0.15x",
+                              progress=False)
+    res = calibrate_student(teacher, config, opts, torch.device("cpu"))
+    assert isinstance(res.student.a2, ChannelClip) and isinstance(res.fp_model.a2, ChannelClip)
+    assert {n: lc.w_bits for n, lc in res.layers.items()} == res.report["mixed_precision"]["bits"]
+    path = tmp_path / "s.pt"
+    save_student(path, res.student, config, res.layers, teacher, res.folded, None)
+    loaded = load_student(path, model=Chain())
+    x = _x(4, seed=9)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), res.student(x))
+    assert [lc.w_bits for _, lc in res.layers.items()] == [l.wq.bits for _, l in quant_layers(loaded)]
+
+
+def test_activation_criterion_equalizes_activation_and_weight_ranges():
+    """With measured activations: a_i / s_i == r2_i * s_i after one sweep of a single pair."""
+    net = Chain().eval()
+    fold_bn(net)
+    x = _x(8)
+    eq = copy.deepcopy(net)
+    from zeroshot_kd.quant.equalize import activation_ranges
+
+    a0 = activation_ranges(net, find_equalization_pairs(net)[:1], [x], torch.device("cpu"))["c1"]
+    r2 = net.c2.weight.detach().abs().transpose(0, 1).flatten(1).amax(1).double()
+    info = equalize(eq, "skip", iterations=1, batches=[x])
+    assert info["criterion"] == "activation"
+    a1 = activation_ranges(eq, find_equalization_pairs(eq)[:1], [x], torch.device("cpu"))["c1"]
+    new2 = eq.c2.weight.detach().abs().transpose(0, 1).flatten(1).amax(1).double()
+    assert torch.allclose(a1, torch.sqrt(a0 * r2), rtol=1e-4) and torch.allclose(new2, torch.sqrt(a0 * r2), rtol=1e-4)
+    with torch.no_grad():
+        assert (eq(x) - net(x)).abs().max().item() <= 1e-5 * max(1.0, net(x).abs().max().item())
+
+
+def test_cli_mixed_precision_equalize_and_bad_budgets(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    base = ["calibrate", "--teacher", "fmnist_mobilenetv2", "--data", "gaussian:32", "--num-images", "32",
+            "--holdout", "0", "--candidates", "10", "--batch-size", "16", "--device", "cpu", "-q"]
+    for budget, msg in (("100MB", "larger than the FP32"), ("0.01x", "below the all-2-bit"), ("big", "not a size")):
+        r = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "bad.pt"), "--mixed-precision",
+                                            "--size-budget", budget])
+        assert r.exit_code == 2 and "Traceback" not in r.output
+        errors = [ln for ln in r.output.splitlines() if ln.startswith("zkd: error:")]
+        assert len(errors) == 1 and msg in errors[0], r.output
+        assert not (tmp_path / "bad.pt").exists()
+    out = tmp_path / "s.pt"
+    r = CliRunner().invoke(cli, base + ["--out", str(out), "--equalize", "--bias-correction", "--mixed-precision",
+                                        "--size-budget", "0.125x"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "report.json").read_text())
+    mp = rep["mixed_precision"]
+    assert mp["size_mb"] <= mp["budget_mb"] + 1e-12 and mp["ratio_of_fp32"] <= 0.125
+    assert mp["size_mb"] == pytest.approx(sum(mp["params"][n] * b for n, b in mp["bits"].items()) / 8e6)
+    assert mp["predicted_sensitivity"] <= mp["uniform_sensitivity"] + 1e-12  # uniform W4 fits 0.125x too
+    assert {r_["layer"]: r_["w_bits"] for r_ in rep["layers"]} == mp["bits"]
+    assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    student = load_student(out)
+    assert student.zkd_info["layers"]["features.1.conv.0.0"]["w_bits"] == mp["bits"]["features.1.conv.0.0"]
+
+
+def test_pre_steps_default_on_only_with_every_layer_quantized():
+    net = Chain().eval().requires_grad_(False)
+    teacher = Teacher(net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(net))
+    reports = {}
+    for keep in ("first,last", "none"):
+        opts = CalibrationOptions(data="gaussian:16", num_images=16, holdout=0, candidates=5, progress=False)
+        reports[keep] = calibrate_student(teacher, QuantConfig(4, 4, keep_8bit=keep), opts,
+                                          torch.device("cpu")).report
+    assert reports["first,last"]["equalization"] is None and reports["first,last"]["bias_correction"] is None
+    assert reports["none"]["equalization"]["pairs"] == [["c1", "c2"], ["c2", "c3"], ["c3", "c4"]]
+    assert set(reports["none"]["bias_correction"]) == {"c1", "c2", "c3", "c4", "fc"}
