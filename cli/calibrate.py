@@ -115,7 +115,6 @@ def command(bits: int, w_bits: int | None, a_bits: int | None, w_asym: bool, kee
             objectives: tuple[str, ...], out: str, report_dir: str | None, device: str, precision: str, seed: int,
             quiet: bool, as_json: bool, **kw) -> None:  # noqa: ANN003
     """Options named like CalibrationOptions fields reach it through ``kw``; the rest are the teacher options."""
-    from zeroshot_kd import load_teacher
     from zeroshot_kd.errors import ZkdError
     from zeroshot_kd.io import atomic_write_bytes, atomic_write_json
     from zeroshot_kd.quant.modules import QuantConfig
