@@ -152,6 +152,11 @@ def command(bits: int, w_bits: int | None, a_bits: int | None, w_asym: bool, kee
     calibration = {k: v for k, v in result.report["settings"].items() if k not in ("device",)}
     save_student(out_path, result.student, config, result.layers, teacher, result.folded,
                  architecture_record(teacher), calibration)
+    from zeroshot_kd.quant.size import format_model_size, model_size
+
+    size = model_size(out_path)
+    result.report["size"] = size.to_dict()
+    echo(f"size: {format_model_size(size)}")
     atomic_write_json(rdir / "report.json", result.report)
     atomic_write_bytes(rdir / "report.md", render_markdown(result.report).encode())
     if result.report.get("mixed_precision"):

@@ -8,7 +8,7 @@ import click
 
 from zeroshot_kd import __version__
 
-SUBCOMMANDS = ("synthesize", "calibrate", "evaluate", "similarity", "distill")
+SUBCOMMANDS = ("synthesize", "calibrate", "evaluate", "similarity", "distill", "export")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -22,6 +22,7 @@ def cli() -> None:
     zkd evaluate     accuracy of a teacher or student on a data source
     zkd similarity   how close datasets are to the teacher's unseen training data
     zkd distill      train any student from the teacher with KD objectives
+    zkd export       a student as an ONNX QDQ graph for ONNX Runtime (or the teacher as FP32 ONNX)
     """
 
 

@@ -14,3 +14,6 @@ __all__ += ["ShardDataset", "synthesize"]
 from .quant.student import load_student  # noqa: E402
 
 __all__ += ["load_student"]
+from .export import export_onnx  # noqa: E402
+
+__all__ += ["export_onnx"]

@@ -105,6 +105,10 @@ def load_model(spec: str, device: torch.device | str = "cpu", **teacher_kwargs: 
     Returns:
         (model in eval mode, its InputSpec, a description dict with ``kind`` "student" or "teacher").
     """
+    if str(spec).lower().endswith(".onnx"):  # a 'zkd export' graph, run by ONNX Runtime (kind "onnx")
+        from .export.runtime import load_onnx_model
+
+        return load_onnx_model(spec)
     from pathlib import Path
 
     from .quant.student import is_student_file, load_student

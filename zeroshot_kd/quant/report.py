@@ -164,6 +164,11 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"| teacher (FP32) | {_fmt(e['teacher']['top1'])} | {_fmt(e['teacher']['top5'])} | - |",
                   f"| student | {_fmt(e['student']['top1'])} | {_fmt(e['student']['top5'])} | "
                   f"{_fmt(e['student']['agreement'])} |"]
+    if report.get("size"):
+        z = report["size"]
+        lines += ["", "## Model size", "", "| FP32 MB | student MB | ratio | bits/weight incl. scales |",
+                  "|---|---|---|---|", f"| {z['fp32_bytes'] / 1e6:.3f}{' (est.)' if z.get('fp32_estimated') else ''}"
+                  f" | {z['student_bytes'] / 1e6:.3f} | {z['ratio']:.2f}x | {z['bits_per_weight']:.3f} |"]
     lines += ["", "## Per layer", "",
               "| layer | type | W bits | W scale min/med/max | W SQNR dB | W clip % | A bits | A grid | A scale | A zp "
               "| A SQNR dB | A clip % | out SQNR dB |",

@@ -3,7 +3,7 @@
 Contents (all plain containers and tensors, so ``torch.load(..., weights_only=True)`` reads it)::
 
     format           "zkd-student"
-    format_version   1
+    format_version   2 (version 1 files still load; see below)
     zkd_version      version that wrote it
     config           QuantConfig (bits, w_asym, keep_8bit, fold_bn) and "convention", the one-line statement
     teacher          the teacher's provenance (source, weights_sha256, input_spec)
@@ -11,12 +11,22 @@ Contents (all plain containers and tensors, so ``torch.load(..., weights_only=Tr
                      {"torchvision": name, "kwargs": {...}}; None when it cannot be recorded (pass model=)
     folded           [[conv_path, bn_path], ...] BatchNorm layers folded into convs (replaced by Identity)
     layers           per quantized layer: kind, w_bits, a_bits, w_asym, role, a_signed, grids
-    codes            per quantized layer: integer weight codes q (int8, or uint8 for asymmetric 8-bit grids)
+    codes            per quantized layer: integer weight codes q. 8-bit layers: an int8 tensor (uint8 for asymmetric
+                     8-bit grids) of the weight's shape. Layers of b < 8 bits: {"bits": b, "qmin": q_min,
+                     "shape": [...], "packed": uint8 tensor}, the codes ``q - q_min`` (in [0, 2^b - 1]) flattened in
+                     C order and bit-packed little-endian by :func:`zeroshot_kd.quant.packing.pack_bits`
     state            the rest of the state_dict: biases, weight scales/zero points (``*.wq.*``), activation
-                     scales/zero points (``*.aq.*``), any BatchNorm kept unfolded
+                     scales/zero points (``*.aq.*``), any BatchNorm kept unfolded. Scales are float32 (their
+                     precision); zero points, integers, are stored in the smallest integer dtype holding them
+                     (uint8 for every zkd grid)
+    size             {"fp32_bytes": bytes of the float teacher's state_dict} when known (model-size reports)
     calibration      summary of how it was made (data, methods, timing)
     channel_clips    (only when cross-layer equalization rescaled ReLU6 clip points) module paths replaced by
                      ``ChannelClip``; their per-channel bounds are ``<path>.upper`` in ``state``
+
+Version 1 (zkd 0.1.0) stored every code as one int8/uint8 byte and zero points as float32, with no ``size``.
+:func:`read_student_file` returns both versions in the version-1 layout (codes as integer tensors of the weight's
+shape, zero points as float32), so code reading a student file needs no version check.
 
 The weight of a quantized layer is rebuilt as ``(q - z) * s``; fake-quantizing it again gives the same codes, so
 the reloaded student reproduces the saved one's outputs bit for bit.
@@ -39,12 +49,14 @@ from ..io import atomic_write_bytes, load_versioned
 from ..spec import InputSpec
 from .fold import set_module
 from .modules import LayerConfig, QuantConfig, quant_layers, quantize_model
+from .packing import pack_bits, unpack_bits
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "architecture_record", "build_architecture", "is_student_file",
+__all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "architecture_record", "build_architecture", "is_student_file",
            "load_student", "read_student_file", "save_student", "student_spec"]
 
 FORMAT = "zkd-student"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def _card_record(card: dict[str, Any]) -> dict[str, Any]:
@@ -110,19 +122,65 @@ def _layer_record(lc: LayerConfig, layer: nn.Module) -> dict[str, Any]:
     return d
 
 
+def _pack_codes(q: torch.Tensor, bits: int, qmin: int, qmax: int) -> torch.Tensor | dict[str, Any]:
+    """A layer's codes as stored in format version 2 (see the module docstring)."""
+    if bits >= 8:
+        dtype = torch.uint8 if qmin >= 0 and qmax > 127 else (
+            torch.int8 if qmin >= -128 and qmax <= 127 else torch.int16)
+        return q.to(torch.int16).to(dtype).cpu().contiguous()
+    return {"bits": int(bits), "qmin": int(qmin), "shape": list(q.shape),
+            "packed": pack_bits(q.to(torch.int64) - qmin, bits)}
+
+
+def _unpack_codes(entry: torch.Tensor | dict[str, Any]) -> torch.Tensor:
+    """Codes of one layer as an integer tensor of the weight's shape (either storage form)."""
+    if isinstance(entry, torch.Tensor):
+        return entry
+    shape = [int(d) for d in entry["shape"]]
+    count = 1
+    for d in shape:
+        count *= d
+    bits, qmin = int(entry["bits"]), int(entry["qmin"])
+    q = unpack_bits(entry["packed"], bits, count) + qmin
+    return q.to(torch.int8 if qmin >= -128 and qmin + (1 << bits) - 1 <= 127 else torch.int16).view(shape)
+
+
+def _is_zero_point(key: str) -> bool:
+    return key.endswith((".wq.zero_point", ".aq.zero_point"))
+
+
+def _compact_zero_point(t: torch.Tensor) -> torch.Tensor:
+    """Integer-valued float zero points in the smallest integer dtype holding them exactly (else unchanged)."""
+    if t.numel() == 0 or not torch.equal(t, torch.round(t)):
+        return t
+    lo, hi = float(t.min()), float(t.max())
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return t.to(dtype)
+    return t
+
+
+def _fp32_bytes(teacher: Any) -> int | None:
+    model = getattr(teacher, "model", None)
+    if not isinstance(model, nn.Module):
+        return None
+    return int(sum(t.numel() * (4 if t.is_floating_point() else t.element_size())
+                   for t in model.state_dict().values()))
+
+
 def save_student(path: str | os.PathLike, student: nn.Module, config: QuantConfig, layers: dict[str, LayerConfig],
                  teacher: Any, folded: list[tuple[str, str]], architecture: dict[str, Any] | None,
                  calibration: dict[str, Any] | None = None) -> None:
     """Write a student file atomically (see the module docstring for the format)."""
     qlayers = dict(quant_layers(student))
-    codes: dict[str, torch.Tensor] = {}
+    codes: dict[str, Any] = {}
     for name, layer in qlayers.items():
         q = layer.wq.quantize(layer.weight)
-        dtype = torch.uint8 if layer.wq.qmin >= 0 and layer.wq.qmax > 127 else (
-            torch.int8 if layer.wq.qmin >= -128 and layer.wq.qmax <= 127 else torch.int16)
-        codes[name] = q.to(torch.int16).to(dtype).cpu().contiguous()
+        codes[name] = _pack_codes(q, layer.wq.bits, layer.wq.qmin, layer.wq.qmax)
     skip = {f"{name}.weight" for name in qlayers}
     state = {k: v.detach().cpu().clone() for k, v in student.state_dict().items() if k not in skip}
+    state = {k: _compact_zero_point(v) if _is_zero_point(k) else v for k, v in state.items()}
     obj = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -134,6 +192,7 @@ def save_student(path: str | os.PathLike, student: nn.Module, config: QuantConfi
         "layers": {name: _layer_record(layers[name], layer) for name, layer in qlayers.items()},
         "codes": codes,
         "state": state,
+        "size": {"fp32_bytes": _fp32_bytes(teacher)},
         "calibration": json.loads(json.dumps(calibration or {}, default=str)),
     }
     from .equalize import ChannelClip
@@ -148,15 +207,29 @@ def save_student(path: str | os.PathLike, student: nn.Module, config: QuantConfi
     atomic_write_bytes(path, buf.getvalue())
 
 
-def read_student_file(path: str | os.PathLike) -> dict[str, Any] | None:
+def read_student_file(path: str | os.PathLike, decode: bool = True) -> dict[str, Any] | None:
     """The contents of a student file; None if ``path`` is a readable torch file of another kind.
+
+    Args:
+        path: the file.
+        decode: return codes unpacked and zero points as float32 (the version-1 layout, whatever the file's
+            version); False returns the stored objects as they are (packed codes, integer zero points).
 
     Raises:
         ZkdError: missing/unreadable file, or a student file of an unknown format version.
     """
     if not Path(path).is_file():
         raise ZkdError(f"student file {path} does not exist; pass the --out of 'zkd calibrate'")
-    return load_versioned(path, FORMAT, (FORMAT_VERSION,), "student", "re-run 'zkd calibrate'")
+    obj = load_versioned(path, FORMAT, READABLE_VERSIONS, "student", "re-run 'zkd calibrate'")
+    if obj is None or not decode:
+        return obj
+    try:
+        obj["codes"] = {name: _unpack_codes(entry) for name, entry in obj["codes"].items()}
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ZkdError(f"{path}: damaged weight codes ({type(e).__name__}: {e}); re-run 'zkd calibrate'") from None
+    obj["state"] = {k: v.to(torch.float32) if _is_zero_point(k) and not v.is_floating_point() else v
+                    for k, v in obj["state"].items()}
+    return obj
 
 
 def is_student_file(path: str | os.PathLike) -> bool:
