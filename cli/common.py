@@ -40,6 +40,9 @@ def teacher_options(f: Callable) -> Callable:
                      help="Override: per-channel normalization mean, e.g. 0.485,0.456,0.406."),
         click.option("--std", default=None, callback=parse_floats, metavar="LIST",
                      help="Override: per-channel normalization std."),
+        click.option("--trust-builders", is_flag=True, default=False,
+                     help="Call a builder that a file (card, student file) names even if it is not a torchvision "
+                          "model, zeroshot_kd.models function or built-in teacher. Runs the file author's code."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -49,7 +52,8 @@ def teacher_options(f: Callable) -> Callable:
 def teacher_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     """Pop the teacher options out of a command's keyword arguments, named as ``load_teacher`` takes them."""
     keys = {"teacher": "spec", "weights": "weights", "arch": "arch", "num_classes": "num_classes",
-            "image_size": "image_size", "channels": "channels", "mean": "mean", "std": "std"}
+            "image_size": "image_size", "channels": "channels", "mean": "mean", "std": "std",
+            "trust_builders": "trust_builders"}
     return {dst: kw.pop(src) for src, dst in keys.items() if src in kw}
 
 

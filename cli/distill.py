@@ -79,11 +79,12 @@ def command(student_spec: str, student_weights: str | None, student_arch: str | 
     if not out_path.parent.is_dir():
         raise ZkdError(f"--out {out}: folder {out_path.parent} does not exist")
     check_writable(out_path, "--out")
-    teacher = load_checked_teacher(dev, **teacher_kwargs(kw))
+    tk = teacher_kwargs(kw)
+    teacher = load_checked_teacher(dev, **tk)
     train = make_dataset(data, teacher.spec, num_images, seed=seed, verify=verify)
     evald = make_dataset(eval_data, teacher.spec, eval_images, seed=seed, verify=verify) if eval_data else None
     student, card = build_student(student_spec, teacher, weights=student_weights, arch=student_arch, seed=seed,
-                                  device=dev)
+                                  device=dev, trust_builders=tk["trust_builders"])
     cfg = DistillConfig(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer,
                         weight_decay=weight_decay, schedule=schedule, seed=seed, precision=precision, workers=workers,
                         freeze_bn=freeze_bn)

@@ -42,8 +42,9 @@ def test_build_student_shorthand_and_card():
 
     t = Teacher(cifar_resnet(8, 4), FASHION_MNIST_SPEC)
     model, card = build_student("cifar-resnet:8x2", t, seed=1)
-    assert card == {"builder": "zeroshot_kd.models:cifar_resnet", "depth": 8, "width": 2, "in_channels": 1,
-                    "num_classes": 10}
+    # one record schema (zeroshot_kd.modelspec.ModelRecord): builder, kwargs, first/last layer names
+    assert card == {"builder": "zeroshot_kd.models:cifar_resnet", "first_layer": "conv1", "last_layer": "fc",
+                    "kwargs": {"depth": 8, "width": 2, "in_channels": 1, "num_classes": 10}}
     assert model.training and all(p.requires_grad for p in model.parameters())
     assert model.conv1.out_channels == 2
     same, _ = build_student("cifar-resnet:8x2", t, seed=1)

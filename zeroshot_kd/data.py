@@ -204,7 +204,7 @@ def _folder_dataset(root: str, spec: InputSpec) -> Dataset:
         raise ZkdError(f"data folder {root!r} does not exist; pass folder:DIR with one sub-folder per class")
     tf = transforms.Compose([
         transforms.Grayscale(1) if spec.channels == 1 else transforms.Lambda(lambda im: im.convert("RGB")),
-        transforms.Resize(spec.image_size),
+        transforms.Resize(spec.resize),
         transforms.CenterCrop(spec.image_size),
         transforms.ToTensor(),
         transforms.Normalize(spec.mean, spec.std),

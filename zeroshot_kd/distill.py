@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from .errors import ZkdError
 from .evaluate import evaluate_model
 from .io import atomic_write_json
+from .modelspec import ModelRecord, build_model
 from .objectives import ObjectiveSet, build
 from .runtime import batch_generator, batch_seed
 from .teachers import Teacher, load_teacher
@@ -42,27 +43,28 @@ _CIFAR_RESNET = re.compile(r"cifar-resnet:(\d+)(?:x(\d+))?$")
 
 
 def build_student(spec: str, teacher: Teacher, weights: str | None = None, arch: str | None = None,
-                  seed: int = 0, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+                  seed: int = 0, device: str | torch.device = "cpu", trust_builders: bool = False
+                  ) -> tuple[nn.Module, dict[str, Any]]:
     """Build a trainable student for ``teacher`` and the architecture entry for its JSON card.
 
     ``spec`` is ``cifar-resnet:DEPTH[xWIDTH]`` (a CIFAR ResNet sized to the teacher's channels and classes), or
-    anything :func:`zeroshot_kd.load_teacher` accepts (torchvision name, ``module:function``, checkpoint file);
-    models from ``load_teacher`` come frozen, so they are unfrozen and put in train mode here.
+    anything :func:`zeroshot_kd.load_teacher` accepts (torchvision name, ``module:function``, checkpoint file with its
+    card or with ``arch``); models from ``load_teacher`` come frozen, so they are unfrozen and put in train mode here.
+    The architecture entry is a :meth:`~zeroshot_kd.modelspec.ModelRecord.to_dict` without weights or input spec
+    (the card holds those), so ``load_teacher(out)`` rebuilds the student. ``trust_builders`` is passed to
+    ``load_teacher`` for a checkpoint whose card names a builder off the allow-list.
     """
     k, c = teacher.spec.num_classes, teacher.spec.channels
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(batch_seed(seed, 0, "student-init"))
         m = _CIFAR_RESNET.fullmatch(spec)
         if m:
-            from .models import cifar_resnet
-
-            depth, width = int(m.group(1)), int(m.group(2) or 16)
+            record = ModelRecord("zeroshot_kd.models:cifar_resnet", {
+                "depth": int(m.group(1)), "width": int(m.group(2) or 16), "in_channels": c, "num_classes": k})
             try:
-                model: nn.Module = cifar_resnet(depth, width, in_channels=c, num_classes=k)
+                model: nn.Module = build_model(record)
             except ValueError as e:
                 raise ZkdError(f"--student {spec}: {e}") from None
-            card = {"builder": "zeroshot_kd.models:cifar_resnet", "depth": depth, "width": width,
-                    "in_channels": c, "num_classes": k}
             if weights and weights.lower() != "none":
                 from .teachers import load_checkpoint_state
 
@@ -70,29 +72,13 @@ def build_student(spec: str, teacher: Teacher, weights: str | None = None, arch:
                     model.load_state_dict(load_checkpoint_state(weights))
                 except RuntimeError as e:
                     raise ZkdError(f"--student-weights {weights} do not fit {spec}: {str(e).splitlines()[0]}") from None
+            record = record.with_layers(model)
         else:
-            loaded = load_teacher(spec, weights=weights, arch=arch, num_classes=k)
-            model = loaded.model
-            src = loaded.source
-            if src.get("kind") == "torchvision":
-                card = {"builder": "torchvision.models:get_model", "name": spec, "num_classes": k}
-            elif src.get("kind") == "module":
-                card = {"builder": spec, "num_classes": k}
-            elif src.get("kind") in ("file", "builtin"):
-                path = Path(spec) if src["kind"] == "file" else None
-                card_file = path.with_suffix(".json") if path is not None else None
-                if card_file is not None and card_file.is_file():
-                    card = json.loads(card_file.read_text())["architecture"]
-                elif src["kind"] == "builtin":
-                    from .teachers import assets_dir
-
-                    card = json.loads((assets_dir() / f"{spec}.json").read_text())["architecture"]
-                else:
-                    card = {"builder": str(arch)}
-            else:  # pragma: no cover - load_teacher has no other kinds
-                card = {"builder": spec}
+            loaded = load_teacher(spec, weights=weights, arch=arch, num_classes=k, trust_builders=trust_builders)
+            model, record = loaded.model, loaded.record
+            assert record is not None  # load_teacher always records how it built the model
     model.requires_grad_(True).train()
-    return model.to(device), card
+    return model.to(device), record.card_entry()
 
 
 def dataset_labels(data: Dataset, teacher: nn.Module | None, device: torch.device, batch_size: int = 512

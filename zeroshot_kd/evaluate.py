@@ -102,6 +102,8 @@ def evaluate_model(model: nn.Module, dataset: Dataset, device: torch.device | st
 def load_model(spec: str, device: torch.device | str = "cpu", **teacher_kwargs: Any) -> tuple[nn.Module, Any, dict]:
     """Load ``spec`` as a student file (``zkd calibrate --out``) or else as a teacher spec.
 
+    ``trust_builders=True`` (among ``teacher_kwargs``) applies to both: see :mod:`zeroshot_kd.modelspec`.
+
     Returns:
         (model in eval mode, its InputSpec, a description dict with ``kind`` "student" or "teacher").
     """
@@ -115,7 +117,7 @@ def load_model(spec: str, device: torch.device | str = "cpu", **teacher_kwargs: 
     from .teachers import load_teacher
 
     if Path(spec).is_file() and is_student_file(spec):
-        student = load_student(spec, device=device)
+        student = load_student(spec, device=device, trust_builders=teacher_kwargs.get("trust_builders", False))
         return student, student.zkd_spec, {"kind": "student", "spec": spec,
                                            "convention": student.zkd_info["config"].get("convention")}
     t = load_teacher(spec, device=device, **teacher_kwargs)

@@ -16,6 +16,9 @@ class InputSpec:
 
     Images live in [0, 1] pixel space; the network sees ``(x - mean) / std``. Synthesis works in that
     normalized space, so the valid range of channel ``c`` is ``[-mean_c / std_c, (1 - mean_c) / std_c]``.
+
+    ``resize_size`` is the shorter side real images are resized to before the centre ``image_size`` crop (what
+    torchvision weights' transforms do: resize 256 or 232, crop 224); None means ``image_size`` (no margin).
     """
 
     channels: int
@@ -23,6 +26,7 @@ class InputSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     num_classes: int
+    resize_size: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.mean) != self.channels or len(self.std) != self.channels:
@@ -31,10 +35,18 @@ class InputSpec:
             )
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std values must be positive, got {self.std}")
+        if self.resize_size is not None and (isinstance(self.resize_size, bool) or int(self.resize_size) < 1
+                                             or int(self.resize_size) != self.resize_size):
+            raise ValueError(f"resize_size must be a positive integer or None, got {self.resize_size!r}")
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return (self.channels, self.image_size, self.image_size)
+
+    @property
+    def resize(self) -> int:
+        """The shorter side real images are resized to before the centre crop (``resize_size`` or ``image_size``)."""
+        return self.image_size if self.resize_size is None else int(self.resize_size)
 
     def _view(self, values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
         return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
@@ -60,9 +72,12 @@ class InputSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if self.resize_size is None:  # files without a resize size stay as they were
+            del d["resize_size"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "InputSpec":
         return cls(int(d["channels"]), int(d["image_size"]), tuple(map(float, d["mean"])),
-                   tuple(map(float, d["std"])), int(d["num_classes"]))
+                   tuple(map(float, d["std"])), int(d["num_classes"]),
+                   None if d.get("resize_size") is None else int(d["resize_size"]))

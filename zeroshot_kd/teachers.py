@@ -3,30 +3,33 @@
 A spec is tried, in order, as:
 
 1. an existing **file**: a checkpoint (bare state_dict, ``{"model": ...}``, ``{"state_dict": ...}``, ``module.``
-   prefixes), loaded with ``weights_only=True``. Its architecture comes from ``arch=`` (any spec of forms 2-4),
-   an ``"arch"`` entry in the checkpoint, or a JSON card beside it (``NAME.json``, as shipped in ``assets/``);
+   prefixes), loaded with ``weights_only=True``. Its architecture comes from ``arch=`` (any spec of forms 2-4) or a
+   JSON card beside it (``NAME.json``, as shipped in ``assets/`` and written by ``zkd distill``);
 2. ``module:function``: a callable returning an ``nn.Module`` (``weights=`` may then name a state-dict file);
 3. a **torchvision** model name (``torchvision.models.get_model``) with ``weights=`` a weights enum name
    (``DEFAULT``, ``IMAGENET1K_V2``, ...), a local state-dict file, or ``none``;
 4. a **built-in** teacher shipped in ``assets/`` (``fmnist_resnet14``, the default; ``fmnist_mobilenetv2``).
 
-The returned model is in eval mode with ``requires_grad`` off; nothing in zkd modifies it.
+How architectures are named, recorded and re-built is :mod:`zeroshot_kd.modelspec`'s: the builder a card names
+must be on its allow-list unless ``trust_builders=True``; a ``module:function`` passed here as ``spec``/``arch``
+is the user's own choice and always allowed. The returned model is in eval mode with ``requires_grad`` off;
+nothing in zkd modifies it, and ``Teacher.record`` says how to rebuild its architecture.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
-import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from .errors import ZkdError
+from .modelspec import (TORCHVISION_GET_MODEL, ModelRecord, assets_dir, build_model, builtin_teachers,
+                        is_module_function, read_card, torchvision_names)
 from .spec import InputSpec
 
 __all__ = [
@@ -54,6 +57,8 @@ class Teacher:
         source: provenance written into manifests and reports (kind, spec, weights, sha256 of the file).
         weights_sha256: hash of the state_dict tensors; identifies the weights whatever the file format.
         classes: class names where known (shipped card, torchvision weights meta), for previews and reports.
+        record: how to rebuild the untrained architecture (:class:`~zeroshot_kd.modelspec.ModelRecord`), with
+            the weights' provenance, the input spec and the first/last layers; None for hand-made Teachers.
     """
 
     model: nn.Module
@@ -61,27 +66,10 @@ class Teacher:
     source: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str = ""
     classes: list[str] | None = None
+    record: ModelRecord | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.source, "weights_sha256": self.weights_sha256, "input_spec": self.spec.to_dict()}
-
-
-def assets_dir() -> Path:
-    """The folder holding the built-in teachers (``assets/`` of the source tree, or the installed copy)."""
-    env = os.environ.get("ZKD_ASSETS")
-    candidates = ([Path(env)] if env else []) + [
-        Path(__file__).resolve().parent.parent / "assets",
-        Path(__file__).resolve().parent / "assets",
-    ]
-    for c in candidates:
-        if c.is_dir() and any(c.glob("*.json")):
-            return c
-    return candidates[-1]
-
-
-def builtin_teachers() -> list[str]:
-    """Names of the teachers shipped in ``assets/`` (a ``NAME.json`` card next to ``NAME.pt``)."""
-    return sorted(p.stem for p in assets_dir().glob("*.json") if p.with_suffix(".pt").is_file())
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -135,84 +123,39 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) ->
                        f"{unexpected or '-'}); check --arch / --num-classes")
 
 
-def _is_module_function(spec: str) -> bool:
-    mod, sep, fn = spec.partition(":")
-    return bool(sep) and bool(mod) and bool(fn) and all(p.isidentifier() for p in mod.split(".") + fn.split("."))
-
-
-def _call_builder(fn: Callable[..., Any], spec: str, kwargs: dict[str, Any]) -> nn.Module:
-    try:
-        model = fn(**kwargs)
-    except TypeError:
-        model = fn() if kwargs else None
-        if model is None:
-            raise
-    if not isinstance(model, nn.Module):
-        raise ZkdError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
-    return model
-
-
-def _import_function(spec: str) -> Callable[..., Any]:
-    mod_name, _, attr = spec.partition(":")
-    try:
-        obj: Any = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ZkdError(f"cannot import module {mod_name!r} for {spec!r}: {e}") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ZkdError(f"module {mod_name!r} has no attribute {attr!r} (from {spec!r})")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ZkdError(f"{spec} is not callable")
-    return obj
-
-
-def _card(path: Path) -> dict[str, Any] | None:
-    card_path = path.with_suffix(".json")
-    if card_path.is_file():
-        with open(card_path) as f:
-            return json.load(f)
-    return None
-
-
-def _build_from_card(card: dict[str, Any]) -> nn.Module:
-    arch = dict(card["architecture"])
-    builder = arch.pop("builder")
-    return _call_builder(_import_function(builder), builder, arch)
-
-
-def _torchvision_names() -> set[str]:
-    import torchvision
-
-    return set(torchvision.models.list_models())
-
-
 def _spec_from_options(base: InputSpec, num_classes: int | None, image_size: int | None, channels: int | None,
                        mean: Sequence[float] | None, std: Sequence[float] | None) -> InputSpec:
     c = channels or (len(mean) if mean else base.channels)
     mean_t = tuple(mean) if mean else (base.mean if c == base.channels else (0.5,) * c)
     std_t = tuple(std) if std else (base.std if c == base.channels else (0.5,) * c)
+    size = image_size or base.image_size
+    resize = base.resize_size if size == base.image_size else None  # the weights' margin holds for their crop only
     try:
-        return InputSpec(c, image_size or base.image_size, mean_t, std_t, num_classes or base.num_classes)
+        return InputSpec(c, size, mean_t, std_t, num_classes or base.num_classes, resize)
     except ValueError as e:
         raise ZkdError(f"bad input spec: {e}; pass --channels, --mean and --std consistently") from None
 
 
-def _torchvision_teacher(name: str, weights: str | None, num_classes: int | None) -> tuple[nn.Module, InputSpec, dict]:
+def _size(v: Any) -> int:
+    return int(v[0]) if isinstance(v, (list, tuple)) else int(v)
+
+
+def _torchvision_teacher(name: str, weights: str | None, num_classes: int | None
+                         ) -> tuple[nn.Module, InputSpec, dict, ModelRecord]:
     import torchvision
 
     source: dict[str, Any] = {"kind": "torchvision", "spec": name}
-    if weights is None or weights.lower() == "none":
-        kwargs = {"num_classes": num_classes} if num_classes else {}
-        model = torchvision.models.get_model(name, weights=None, **kwargs)
-        source["weights"] = None
-        return model, IMAGENET_SPEC, source
-    if Path(weights).is_file():
-        kwargs = {"num_classes": num_classes} if num_classes else {}
-        model = torchvision.models.get_model(name, weights=None, **kwargs)
-        _load_state(model, load_checkpoint_state(weights), weights)
-        source.update(weights=str(weights), sha256=file_sha256(weights))
-        return model, IMAGENET_SPEC, source
+    kwargs = {"num_classes": num_classes} if num_classes else {}
+    if weights is None or weights.lower() == "none" or Path(weights).is_file():
+        record = ModelRecord(TORCHVISION_GET_MODEL, {"name": name, **kwargs})
+        model = build_model(record, user_spec=True)
+        if weights is None or weights.lower() == "none":
+            source["weights"] = None
+        else:
+            _load_state(model, load_checkpoint_state(weights), weights)
+            source.update(weights=str(weights), sha256=file_sha256(weights))
+            record = replace(record, weights=str(weights))
+        return model, IMAGENET_SPEC, source, record
     try:
         enum_cls = torchvision.models.get_model_weights(name)
         w = enum_cls[weights.split(".")[-1]]
@@ -228,11 +171,13 @@ def _torchvision_teacher(name: str, weights: str | None, num_classes: int | None
         raise ZkdError(f"cannot download {w} ({type(e).__name__}): put the file at {cached} "
                        f"or pass --weights PATH to a local state_dict") from None
     t = w.transforms()
-    crop = t.crop_size[0] if isinstance(t.crop_size, (list, tuple)) else int(t.crop_size)
-    spec = InputSpec(len(t.mean), crop, tuple(t.mean), tuple(t.std), len(w.meta["categories"]))
-    source.update(weights=f"{type(w).__name__}.{w.name}", url=w.url,
+    resize = getattr(t, "resize_size", None)
+    spec = InputSpec(len(t.mean), _size(t.crop_size), tuple(t.mean), tuple(t.std), len(w.meta["categories"]),
+                     None if resize is None else _size(resize))
+    enum_name = f"{type(w).__name__}.{w.name}"
+    source.update(weights=enum_name, url=w.url,
                   sha256=file_sha256(cached) if cached.is_file() else None, classes=list(w.meta["categories"]))
-    return model, spec, source
+    return model, spec, source, ModelRecord(TORCHVISION_GET_MODEL, {"name": name}, weights=enum_name)
 
 
 def load_teacher(
@@ -245,6 +190,7 @@ def load_teacher(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     device: str | torch.device = "cpu",
+    trust_builders: bool = False,
 ) -> Teacher:
     """Resolve a teacher spec into a frozen :class:`Teacher` (see the module docstring for the forms).
 
@@ -254,6 +200,12 @@ def load_teacher(
         arch: architecture for a checkpoint file that does not carry one (forms 2-4).
         num_classes, image_size, channels, mean, std: input-spec overrides for custom teachers.
         device: where to put the model.
+        trust_builders: call a builder that the card beside a checkpoint names even if it is not on the allow-list
+            of :mod:`zeroshot_kd.modelspec` (warns). Only for files whose author you trust: it runs their code.
+
+    Raises:
+        ZkdError: unknown spec, unreadable file, weights that do not fit, a card naming a builder not on the
+            allow-list (without ``trust_builders``).
     """
     spec = spec or DEFAULT_TEACHER
     base = IMAGENET_SPEC
@@ -262,42 +214,52 @@ def load_teacher(
     path = Path(spec)
     if path.is_file():
         state = load_checkpoint_state(path)
-        card = _card(path)
+        card_path = path.with_suffix(".json")
         if arch:
             t = load_teacher(arch, weights="none", num_classes=num_classes, image_size=image_size,
-                             channels=channels, mean=mean, std=std)
-            model, base = t.model, t.spec
-        elif card is not None:
-            model, base = _build_from_card(card), InputSpec.from_dict(card["input_spec"])
+                             channels=channels, mean=mean, std=std, trust_builders=trust_builders)
+            model, base, record = t.model, t.spec, t.record
+        elif (card := read_card(card_path)) is not None:
+            record = ModelRecord.from_dict(card, where=f"card {card_path}")
+            if record.input_spec is None:
+                raise ZkdError(f"card {card_path} has no input_spec; add one or pass --arch")
+            model, base = build_model(record, trust_builders=trust_builders, where=f"card {card_path}"), \
+                record.input_spec
         else:
             raise ZkdError(f"checkpoint {spec} holds only weights; pass --arch NAME (a torchvision model name, "
                            f"module:function, or one of: {', '.join(builtin_teachers()) or 'none'})")
         _load_state(model, state, str(path))
-        source = {"kind": "file", "spec": str(path), "arch": arch or card["architecture"]["builder"],
-                  "sha256": file_sha256(path)}
-    elif _is_module_function(spec):
-        kwargs = {"num_classes": num_classes} if num_classes else {}
-        model = _call_builder(_import_function(spec), spec, kwargs)
+        assert record is not None
+        record = replace(record, weights=str(path))
+        source = {"kind": "file", "spec": str(path), "arch": arch or record.builder, "sha256": file_sha256(path)}
+    elif is_module_function(spec):
+        record = ModelRecord(spec, {"num_classes": num_classes} if num_classes else {})
+        model = build_model(record, user_spec=True)
         source = {"kind": "module", "spec": spec, "weights": None}
         if weights and weights.lower() != "none":
             if not Path(weights).is_file():
                 raise ZkdError(f"--weights {weights} does not exist; pass a state_dict file or 'none'")
             _load_state(model, load_checkpoint_state(weights), weights)
             source.update(weights=str(weights), sha256=file_sha256(weights))
+            record = replace(record, weights=str(weights))
         if channels is None and mean is None:
             first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
             if first is not None:
                 channels = first.in_channels
     elif spec in builtin_teachers():
         ckpt = assets_dir() / f"{spec}.pt"
-        card = _card(ckpt)
-        model, base = _build_from_card(card), InputSpec.from_dict(card["input_spec"])
+        card_path = ckpt.with_suffix(".json")
+        card = read_card(card_path) or {}
+        record = replace(ModelRecord.from_dict(card, where=f"card {card_path}"), weights=spec)
+        if record.input_spec is None:
+            raise ZkdError(f"card {card_path} has no input_spec; reinstall zkd's assets")
+        model, base = build_model(record, trust_builders=trust_builders, where=f"card {card_path}"), record.input_spec
         _load_state(model, load_checkpoint_state(ckpt), str(ckpt))
         source = {"kind": "builtin", "spec": spec, "sha256": file_sha256(ckpt),
                   "test_accuracy": card.get("test_accuracy")}
         classes = card.get("classes")
-    elif spec in _torchvision_names():
-        model, base, source = _torchvision_teacher(spec, weights, num_classes)
+    elif spec in torchvision_names():
+        model, base, source, record = _torchvision_teacher(spec, weights, num_classes)
         classes = source.pop("classes", None)
     elif ":" in spec or os.sep in spec or spec.endswith((".pt", ".pth", ".bin", ".ckpt")):
         raise ZkdError(f"teacher {spec!r} is neither an existing file nor an importable module:function")
@@ -308,4 +270,5 @@ def load_teacher(
     model.eval().requires_grad_(False).to(device)
     if classes is not None and len(classes) != input_spec.num_classes:
         classes = None
-    return Teacher(model, input_spec, source, state_sha256(model), classes)
+    record = replace(record, input_spec=input_spec).with_layers(model)
+    return Teacher(model, input_spec, source, state_sha256(model), classes, record)

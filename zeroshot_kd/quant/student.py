@@ -7,8 +7,8 @@ Contents (all plain containers and tensors, so ``torch.load(..., weights_only=Tr
     zkd_version      version that wrote it
     config           QuantConfig (bits, w_asym, keep_8bit, fold_bn) and "convention", the one-line statement
     teacher          the teacher's provenance (source, weights_sha256, input_spec)
-    architecture     how to build the float skeleton: {"builder": "module:function", "kwargs": {...}} or
-                     {"torchvision": name, "kwargs": {...}}; None when it cannot be recorded (pass model=)
+    architecture     how to build the float skeleton: a zeroshot_kd.modelspec.ModelRecord.to_dict() (older files:
+                     {"torchvision": name, "kwargs": {...}}); None when it cannot be recorded (pass model=)
     folded           [[conv_path, bn_path], ...] BatchNorm layers folded into convs (replaced by Identity)
     layers           per quantized layer: kind, w_bits, a_bits, w_asym, role, a_signed, grids
     codes            per quantized layer: integer weight codes q. 8-bit layers: an int8 tensor (uint8 for asymmetric
@@ -46,6 +46,7 @@ from torch import nn
 from ..version import __version__
 from ..errors import ZkdError
 from ..io import atomic_write_bytes, load_versioned
+from ..modelspec import ModelRecord, build_model, spec_record
 from ..spec import InputSpec
 from .fold import set_module
 from .modules import LayerConfig, QuantConfig, quant_layers, quantize_model
@@ -59,58 +60,28 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
 
-def _card_record(card: dict[str, Any]) -> dict[str, Any]:
-    arch = dict(card["architecture"])
-    return {"builder": arch.pop("builder"), "kwargs": arch}
-
-
-def _spec_record(spec: str, num_classes: int) -> dict[str, Any] | None:
-    from ..teachers import _is_module_function, _torchvision_names, assets_dir, builtin_teachers
-
-    if spec in builtin_teachers():
-        with open(assets_dir() / f"{spec}.json") as f:
-            return _card_record(json.load(f))
-    if _is_module_function(spec):
-        return {"builder": spec, "kwargs": {"num_classes": num_classes}}
-    if spec in _torchvision_names():
-        return {"torchvision": spec, "kwargs": {"num_classes": num_classes}}
-    return None
-
-
 def architecture_record(teacher: Any) -> dict[str, Any] | None:
-    """How to build an untrained copy of ``teacher``'s architecture, from its provenance; None if unknown."""
-    src = teacher.source or {}
-    kind, spec = src.get("kind"), src.get("spec")
-    n = teacher.spec.num_classes
-    if kind == "builtin":
-        return _spec_record(spec, n)
-    if kind == "torchvision":
-        return {"torchvision": spec, "kwargs": {"num_classes": n}}
-    if kind == "module":
-        return {"builder": spec, "kwargs": {"num_classes": n}}
-    if kind == "file":
-        card_path = Path(spec).with_suffix(".json")
-        if card_path.is_file():
-            with open(card_path) as f:
-                card = json.load(f)
-            if card.get("architecture", {}).get("builder") == src.get("arch"):
-                return _card_record(card)
-        arch = src.get("arch")
-        return _spec_record(arch, n) if arch else None
-    return None
+    """How to build an untrained copy of ``teacher``'s architecture (a :meth:`ModelRecord.to_dict`); None if unknown.
+
+    Uses ``teacher.record`` (set by :func:`~zeroshot_kd.load_teacher`), else the spec in its provenance.
+    """
+    record = getattr(teacher, "record", None)
+    if record is None:
+        src = getattr(teacher, "source", None) or {}
+        spec = src.get("arch") if src.get("kind") == "file" else src.get("spec")
+        if src.get("kind") not in ("builtin", "torchvision", "module", "file") or not spec:
+            return None
+        record = spec_record(spec, teacher.spec.num_classes)
+    return None if record is None else record.to_dict()
 
 
-def build_architecture(record: dict[str, Any]) -> nn.Module:
-    """Build the float skeleton described by an :func:`architecture_record`."""
-    from ..teachers import _call_builder, _import_function
+def build_architecture(record: dict[str, Any], trust_builders: bool = False, where: str = "student file") -> nn.Module:
+    """Build the float skeleton described by an :func:`architecture_record` (or a version-1 student file's record).
 
-    kwargs = dict(record.get("kwargs") or {})
-    if "torchvision" in record:
-        import torchvision
-
-        return torchvision.models.get_model(record["torchvision"], weights=None, **kwargs)
-    builder = record["builder"]
-    return _call_builder(_import_function(builder), builder, kwargs)
+    The builder is named by a file, so it must be on :mod:`zeroshot_kd.modelspec`'s allow-list unless
+    ``trust_builders`` is set.
+    """
+    return build_model(ModelRecord.from_dict(record, where=where), trust_builders=trust_builders, where=where)
 
 
 def _layer_record(lc: LayerConfig, layer: nn.Module) -> dict[str, Any]:
@@ -249,7 +220,7 @@ def student_spec(obj: dict[str, Any]) -> InputSpec:
 
 
 def load_student(path: str | os.PathLike, model: nn.Module | None = None,
-                 device: str | torch.device = "cpu") -> nn.Module:
+                 device: str | torch.device = "cpu", trust_builders: bool = False) -> nn.Module:
     """Rebuild a saved fake-quantized student as an eval-mode module (no CLI needed).
 
     Args:
@@ -257,13 +228,16 @@ def load_student(path: str | os.PathLike, model: nn.Module | None = None,
         model: an (untrained) float instance of the teacher's architecture, needed only when the file does not
             record how to build it (teachers given as arbitrary objects).
         device: where to put the module.
+        trust_builders: build the architecture even if the file names a builder that is not on the allow-list of
+            :mod:`zeroshot_kd.modelspec` (warns); only for files whose author you trust, as it runs their code.
 
     Returns:
         The student, in eval mode with gradients off; ``student.zkd_spec`` is its InputSpec and
         ``student.zkd_info`` the file's config/teacher/calibration records.
 
     Raises:
-        ZkdError: missing or unreadable file, unknown format version, or an architecture that does not match.
+        ZkdError: missing or unreadable file, unknown format version, an architecture that does not match, or a
+            builder not on the allow-list.
     """
     obj = read_student_file(path)
     if obj is None:
@@ -272,7 +246,7 @@ def load_student(path: str | os.PathLike, model: nn.Module | None = None,
         if not obj.get("architecture"):
             raise ZkdError(f"{path} does not record how to build its architecture; call "
                            "load_student(path, model=<untrained instance of the teacher's architecture>)")
-        model = build_architecture(obj["architecture"])
+        model = build_architecture(obj["architecture"], trust_builders, f"student file {path}")
     model = model.cpu().eval()
     for conv_name, bn_name in obj["folded"]:
         try:
