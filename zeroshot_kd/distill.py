@@ -79,7 +79,18 @@ def build_student(spec: str, teacher: Teacher, weights: str | None = None, arch:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(batch_seed(seed, 0, "student-init"))
         m = _CIFAR_RESNET.fullmatch(spec)
-        if m:
+        if spec.startswith("noskip:"):  # the architecture with every shortcut removed (zeroshot_kd.models.noskip)
+            from .models import noskip, noskip_card
+            from .teachers import load_checkpoint_state
+
+            card = noskip_card(spec, c, k)
+            try:
+                model = noskip(**{key: v for key, v in card.items() if key != "builder"})
+                if weights and weights.lower() != "none":
+                    model.load_state_dict(load_checkpoint_state(weights))
+            except (ValueError, RuntimeError) as e:
+                raise ZkdError(f"--student {spec}: {str(e).splitlines()[0]}") from None
+        elif m:
             from .models import cifar_resnet
 
             depth, width = int(m.group(1)), int(m.group(2) or 16)
