@@ -58,9 +58,16 @@ def build_student(spec: str, teacher: Teacher, weights: str | None = None, arch:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(batch_seed(seed, 0, "student-init"))
         m = _CIFAR_RESNET.fullmatch(spec)
-        if m:
+        n = spec.startswith("noskip:")
+        if n:  # the architecture with every shortcut removed (zeroshot_kd.models.noskip)
+            from .models import noskip_card
+
+            card = noskip_card(spec, c, k)
+            record = ModelRecord(card.pop("builder"), card)
+        elif m:
             record = ModelRecord("zeroshot_kd.models:cifar_resnet", {
                 "depth": int(m.group(1)), "width": int(m.group(2) or 16), "in_channels": c, "num_classes": k})
+        if n or m:
             try:
                 model: nn.Module = build_model(record)
             except ValueError as e:

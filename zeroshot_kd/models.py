@@ -9,12 +9,15 @@ convolution is followed by BatchNorm: that is what the BN-statistics synthesis m
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+import re
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["BasicBlock", "CifarResNet", "cifar_resnet", "mobilenet_v2_small"]
+__all__ = ["BasicBlock", "CifarResNet", "NoSkipBasicBlock", "cifar_resnet", "mobilenet_v2_small", "noskip",
+           "noskip_card", "remove_shortcuts"]
 
 
 class BasicBlock(nn.Module):
@@ -116,3 +119,102 @@ def mobilenet_v2_small(width_mult: float = 0.5, in_channels: int = 1, num_classe
     model.classifier[-1] = nn.Linear(last_channel, num_classes)
     model.last_channel = last_channel
     return model
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# No-skip students (Jha et al., "On the Demystification of Knowledge Distillation: A Residual Network Perspective")
+
+
+class NoSkipBasicBlock(BasicBlock):
+    """A :class:`BasicBlock` that computes only its residual branch: ``relu(bn2(conv2(relu(bn1(conv1(x))))))``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))))
+
+
+@functools.lru_cache(maxsize=1)
+def _torchvision_noskip_classes() -> dict[type, type]:
+    """Residual-branch-only subclasses of torchvision's ``BasicBlock`` and ``Bottleneck`` (built on first use, so
+    importing this module does not import torchvision)."""
+    from torchvision.models import resnet as tv
+
+    class NoSkipTVBasicBlock(tv.BasicBlock):
+        """torchvision ``BasicBlock`` without its shortcut: ``relu(bn2(conv2(relu(bn1(conv1(x))))))``."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
+
+    class NoSkipTVBottleneck(tv.Bottleneck):
+        """torchvision ``Bottleneck`` without its shortcut: the three conv-BN layers, ReLU after each."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.relu(self.bn2(self.conv2(out)))
+            return self.relu(self.bn3(self.conv3(out)))
+
+    return {tv.BasicBlock: NoSkipTVBasicBlock, tv.Bottleneck: NoSkipTVBottleneck}
+
+
+def remove_shortcuts(model: nn.Module) -> nn.Module:
+    """Remove every identity and projection shortcut of a ResNet, in place: each block computes only its residual
+    branch (the final ReLU kept), and the 1x1 projection ``downsample`` modules are deleted with their parameters.
+
+    Handles zkd's :class:`BasicBlock` (``cifar-resnet``) and torchvision's ``BasicBlock`` / ``Bottleneck``. The
+    blocks' classes are swapped for residual-only subclasses, so the state_dict keeps its key names (minus the
+    ``downsample`` entries) and a no-skip checkpoint loads into ``noskip(ARCH)``. The paper does not say whether
+    projection shortcuts were kept; here they go too, since a projection is a skip path as well.
+
+    Returns:
+        ``model`` itself. Raises ``ValueError`` when it has no residual block to rewrite.
+    """
+    swaps: dict[type, type] = {BasicBlock: NoSkipBasicBlock}
+    try:
+        swaps.update(_torchvision_noskip_classes())
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        pass
+    done = set(swaps.values())
+    count = 0
+    for m in model.modules():
+        if type(m) in done:
+            count += 1
+        elif type(m) in swaps:
+            m.__class__ = swaps[type(m)]
+            m.downsample = None
+            count += 1
+    if not count:
+        raise ValueError(f"{type(model).__name__} has no ResNet BasicBlock/Bottleneck to remove shortcuts from")
+    return model
+
+
+_CIFAR_SPEC = re.compile(r"cifar-resnet:(\d+)(?:x(\d+))?$")
+
+
+def noskip(arch: str, num_classes: int = 10, in_channels: int | None = None) -> nn.Module:
+    """Build ``arch`` with every shortcut removed (:func:`remove_shortcuts`), randomly initialized.
+
+    Args:
+        arch: ``cifar-resnet:DEPTH[xWIDTH]`` or a torchvision ResNet name (``resnet18``, ``resnet50``,
+            ``wide_resnet50_2``, ``resnext50_32x4d``, ...).
+        num_classes: classifier outputs.
+        in_channels: input channels of a ``cifar-resnet`` (default 1); torchvision ResNets take 3.
+    """
+    m = _CIFAR_SPEC.fullmatch(arch)
+    if m:
+        model: nn.Module = cifar_resnet(int(m.group(1)), int(m.group(2) or 16), in_channels=in_channels or 1,
+                                        num_classes=num_classes)
+    else:
+        import torchvision
+
+        if arch not in torchvision.models.list_models():
+            raise ValueError(f"noskip:{arch}: not cifar-resnet:DEPTH[xWIDTH] or a torchvision ResNet name")
+        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    return remove_shortcuts(model)
+
+
+def noskip_card(spec: str, in_channels: int, num_classes: int) -> dict[str, Any]:
+    """The JSON-card architecture entry of a ``noskip:ARCH`` student spec (rebuilt by :func:`noskip`)."""
+    arch = spec[len("noskip:"):] if spec.startswith("noskip:") else spec
+    card: dict[str, Any] = {"builder": "zeroshot_kd.models:noskip", "arch": arch, "num_classes": num_classes}
+    if _CIFAR_SPEC.fullmatch(arch):
+        card["in_channels"] = in_channels
+    return card
