@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..capture import Capture
 from ..errors import ZkdError
 from .fold import set_module
 
@@ -135,21 +136,17 @@ def activation_ranges(model: nn.Module, pairs: Sequence[tuple[str, str, list[str
     """Per-channel ``max |x|`` of each pair's B input (the activation between A and B) over ``batches``."""
     out: dict[str, torch.Tensor] = {}
 
-    def hook(name: str):
-        def fn(m: nn.Module, args: tuple) -> None:
-            x = args[0].detach().float()
-            red = [0] + list(range(2, x.dim()))
-            v = x.abs().amax(red).double().cpu()
-            out[name] = torch.maximum(out[name], v) if name in out else v
-        return fn
+    pair_of = {f"{b}@in": a for a, b, _ in pairs}
 
-    handles = [model.get_submodule(b).register_forward_pre_hook(hook(a)) for a, b, _ in pairs]
-    try:
+    def observe(addr: str, x: torch.Tensor) -> None:
+        name = pair_of[addr]
+        red = [0] + list(range(2, x.dim()))
+        v = x.float().abs().amax(red).double().cpu()
+        out[name] = torch.maximum(out[name], v) if name in out else v
+
+    with Capture(model, list(pair_of), reduce=observe, detach=True):
         for x in batches:
             model(x.to(device))
-    finally:
-        for h in handles:
-            h.remove()
     return out
 
 
@@ -238,29 +235,28 @@ def correct_bias(model: nn.Module, batches: Sequence[torch.Tensor], device: torc
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
-    def hook(name: str):
-        def fn(m: nn.Module, args: tuple) -> None:
-            x = args[0].detach().float()
-            dw = m.wq(m.weight).float() - m.weight.float()
-            d = _delta_out(m, x, dw)
-            red = [0] + list(range(2, d.dim()))
-            sums[name] = sums.get(name, 0) + d.sum(red).double()
-            counts[name] = counts.get(name, 0) + d.numel() // d.shape[1]
-        return fn
+    modules = dict(layers)
+
+    def accumulate(addr: str, x: torch.Tensor) -> None:
+        name = addr[: -len("@in")]
+        m = modules[name]
+        dw = m.wq(m.weight).float() - m.weight.float()
+        d = _delta_out(m, x.float(), dw)
+        red = [0] + list(range(2, d.dim()))
+        sums[name] = sums.get(name, 0) + d.sum(red).double()
+        counts[name] = counts.get(name, 0) + d.numel() // d.shape[1]
 
     saved = {}
     for n, l in quant_layers(model):
         if l.aq is not None:
             saved[n] = l.aq.enabled
             l.aq.enabled = False
-    handles = [l.register_forward_pre_hook(hook(n)) for n, l in layers]
     model.eval()
     try:
-        for x in batches:
-            model(x.to(device))
+        with Capture(model, [f"{n}@in" for n, _ in layers], reduce=accumulate, detach=True):
+            for x in batches:
+                model(x.to(device))
     finally:
-        for h in handles:
-            h.remove()
         for n, l in quant_layers(model):
             if n in saved:
                 l.aq.enabled = saved[n]

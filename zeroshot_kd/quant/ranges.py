@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..capture import Capture
 from ..runtime import autocast
 from .calibrate import calibrate_activations, qparams_from_range
 from .fakequant import FakeQuantizer
@@ -126,20 +127,16 @@ def search_act_output(model: nn.Module, batches: Sequence[torch.Tensor], device:
     hi: dict[str, float] = {n: -math.inf for n, _ in layers}
     post = following_activations(model) if post_activation else {}
     _set_act(model, False)
-    handles = []
+    modules = dict(layers)
     try:
-        def range_hook(name: str):
-            def hook(m: nn.Module, args: tuple) -> None:
-                x = args[0].detach()
-                lo[name] = min(lo[name], x.min().item())
-                hi[name] = max(hi[name], x.max().item())
-            return hook
+        def observe(addr: str, x: torch.Tensor) -> None:
+            name = addr[: -len("@in")]
+            lo[name] = min(lo[name], x.min().item())
+            hi[name] = max(hi[name], x.max().item())
 
-        handles = [l.register_forward_pre_hook(range_hook(n)) for n, l in layers]
-        for x in batches:
-            model(x.to(device))
-        for h in handles:
-            h.remove()
+        with Capture(model, [f"{n}@in" for n, _ in layers], reduce=observe, detach=True):
+            for x in batches:
+                model(x.to(device))
         ratios = [k / candidates for k in range(candidates, 0, -1) if k / candidates >= min_ratio] or [1.0]
         grids: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         errs: dict[str, torch.Tensor] = {}
@@ -150,24 +147,22 @@ def search_act_output(model: nn.Module, batches: Sequence[torch.Tensor], device:
             grids[n] = [qparams_from_range(lo_t * r, hi_t * r, l.aq.qmin, l.aq.qmax, not signed) for r in ratios]
             errs[n] = torch.zeros(len(ratios), dtype=torch.float64)
 
-        def err_hook(name: str):
-            def hook(m: nn.Module, args: tuple) -> None:
-                x = args[0].detach().float()
-                act = post.get(name, nn.Identity())
-                ref = act(_layer_out(m, x, m.weight))
-                wq = m.wq(m.weight)
-                aq: FakeQuantizer = m.aq
-                e = torch.stack([(act(_layer_out(m, _fq(x, s, z, aq.qmin, aq.qmax), wq)) - ref).pow(2).sum()
-                                 for s, z in grids[name]])
-                errs[name] += e.double().cpu()
-            return hook
+        def accumulate(addr: str, x: torch.Tensor) -> None:
+            name = addr[: -len("@in")]
+            m = modules[name]
+            x = x.float()
+            act = post.get(name, nn.Identity())
+            ref = act(_layer_out(m, x, m.weight))
+            wq = m.wq(m.weight)
+            aq: FakeQuantizer = m.aq
+            e = torch.stack([(act(_layer_out(m, _fq(x, s, z, aq.qmin, aq.qmax), wq)) - ref).pow(2).sum()
+                             for s, z in grids[name]])
+            errs[name] += e.double().cpu()
 
-        handles = [l.register_forward_pre_hook(err_hook(n)) for n, l in layers]
-        for x in batches:
-            model(x.to(device))
+        with Capture(model, [f"{n}@in" for n, _ in layers], reduce=accumulate, detach=True):
+            for x in batches:
+                model(x.to(device))
     finally:
-        for h in handles:
-            h.remove()
         _set_act(model, True)
     stats: dict[str, dict[str, float]] = {}
     for n, l in layers:
