@@ -112,7 +112,9 @@ def command(method: str, out: str, num_images: int, batch_size: int, targets: st
     if not is_main:
         return
     q = manifest["quality"]
-    echo(f"teacher accuracy on the images {100 * q['teacher_accuracy']:.1f}%, BNS-KL "
+    acc = ("labels = the teacher's argmax" if q["teacher_accuracy"] is None
+           else f"teacher accuracy on the images {100 * q['teacher_accuracy']:.1f}%")
+    echo(f"{acc}, BNS-KL "
          f"{q['bns_kl'] if q['bns_kl'] is None else round(q['bns_kl'], 3)}, {manifest['wall_time_s']:.1f}s; "
          f"preview: {out}/preview.png")
     if as_json:

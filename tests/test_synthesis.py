@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zeroshot_kd import synthesize
+from zeroshot_kd import ShardDataset, synthesize
 from zeroshot_kd.errors import ZkdError
 from zeroshot_kd.synthesis import METHODS, SynthesisConfig, get_method, optimize_batch
 from zeroshot_kd.synthesis import engine
@@ -284,3 +284,17 @@ def test_registry_lists_all_methods():
     assert set(METHODS) == {"gaussian", "inception", "bns", "deepinversion", "adi"}
     di = get_method("deepinversion").hyperparameters()
     assert (di["bn_weight"], di["first_bn_multiplier"], di["tv_l2"], di["l2"], di["lr"]) == (0.01, 10.0, 1e-4, 1e-5, 0.25)
+
+
+def test_teacher_accuracy_is_not_reported_where_labels_are_the_teachers_argmax(teacher, tmp_path):
+    """bns has no CE term, so its labels are the teacher's argmax and its "accuracy" would be 1.0 by construction."""
+    bns = synthesize(tmp_path / "bns", teacher=teacher, method="bns", num_images=4, batch_size=4, seed=0, **FAST)
+    assert bns["labels"].startswith("teacher argmax") and bns["quality"]["teacher_accuracy"] is None
+    di = synthesize(tmp_path / "di", teacher=teacher, method="deepinversion", num_images=4, batch_size=4, seed=0,
+                    **FAST)
+    loaded = ShardDataset(tmp_path / "di")
+    xs = torch.stack([loaded[i][0] for i in range(4)]).float()
+    ys = torch.tensor([loaded[i][1] for i in range(4)])
+    with torch.no_grad():
+        direct = (teacher.model(xs).argmax(1) == ys).float().mean().item()
+    assert di["labels"] == "targets" and di["quality"]["teacher_accuracy"] == pytest.approx(direct, abs=0.26)  # float16 storage: one image

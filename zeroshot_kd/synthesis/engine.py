@@ -428,6 +428,7 @@ def _write_manifest(out: Path, teacher: Teacher, cfg: SynthesisConfig, device: t
 
     import torchvision
 
+    labels_are_targets = bool(cfg.method != "gaussian" and cfg.hyperparameters["ce_weight"])
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -441,8 +442,7 @@ def _write_manifest(out: Path, teacher: Teacher, cfg: SynthesisConfig, device: t
         "student": _describe(student),
         "seed": cfg.seed,
         "targets": cfg.targets,
-        "labels": "targets" if (cfg.method != "gaussian" and cfg.hyperparameters["ce_weight"])
-        else "teacher argmax (the method has no CE term)",
+        "labels": "targets" if labels_are_targets else "teacher argmax (the method has no CE term)",
         "num_images": sum(weights),
         "batch_size": cfg.batch_size,
         "precision": cfg.precision,
@@ -452,7 +452,9 @@ def _write_manifest(out: Path, teacher: Teacher, cfg: SynthesisConfig, device: t
                     "image": "8-bit PNG preview (denormalized, clamped, rounded)", "label": ".cls ASCII class id"},
         "class_counts": dict(sorted(counts.items(), key=lambda kv: int(kv[0]))),
         "final_loss": {k: wmean("terms", k) for k in term_names},
-        "quality": {"teacher_accuracy": sum(r["teacher_accuracy"] * r["count"] for r in records) / sum(weights),
+        # With teacher-argmax labels the teacher agrees with every label by construction: no quality measure then.
+        "quality": {"teacher_accuracy": (sum(r["teacher_accuracy"] * r["count"] for r in records) / sum(weights)
+                                         if labels_are_targets else None),
                     "bns_kl": wmean("bns_kl"), "best_score": wmean("best_score")},
         "batch_seconds": sum(r["seconds"] for r in records),
         "wall_time_s": wall,
