@@ -39,7 +39,7 @@ from torch import nn
 
 from ..capture import Capture
 from ..errors import ZkdError
-from .fold import set_module
+from .fold import module_call_counts, set_module
 
 __all__ = ["EQUALIZE_CRITERIA", "RELU6_MODES", "ChannelClip", "activation_ranges", "correct_bias", "equalize", "find_equalization_pairs"]
 
@@ -87,10 +87,7 @@ def find_equalization_pairs(model: nn.Module) -> list[tuple[str, str, list[str]]
     except Exception:
         return []
     modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = module_call_counts(gm)
     pairs = []
     for node in gm.graph.nodes:
         if node.op != "call_module" or not _ok_a(modules.get(node.target)) or calls[node.target] != 1:

@@ -32,15 +32,21 @@ def _foldable_bn(m: nn.Module) -> bool:
     return isinstance(m, nn.BatchNorm2d) and m.track_running_stats and m.running_mean is not None
 
 
+def module_call_counts(gm: "torch.fx.GraphModule") -> dict[str, int]:
+    """How often each submodule is called in a traced graph (a module called twice cannot be folded or scaled)."""
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
+
+
 def _pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
     import torch.fx
 
     gm = torch.fx.symbolic_trace(model)
     modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = module_call_counts(gm)
     pairs = []
     for node in gm.graph.nodes:
         if node.op != "call_module" or not _foldable_bn(modules.get(node.target)):
