@@ -35,3 +35,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def spy_rand(monkeypatch) -> list:
+    """Patch torch.rand for the rest of the test; returns the (device asked for, generator's device) of every call."""
+    calls = []
+    rand = torch.rand
+
+    def spy(*args, generator=None, device=None, **kw):
+        calls.append((None if device is None else torch.device(device), None if generator is None else
+                      generator.device))
+        return rand(*args, generator=generator, device=device, **kw)
+
+    monkeypatch.setattr(torch, "rand", spy)
+    return calls

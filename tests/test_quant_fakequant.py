@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import spy_rand
+
 from zeroshot_kd.quant.calibrate import qparams_from_range, search_act_qparams, search_weight_qparams
 from zeroshot_kd.quant.fakequant import FakeQuantizer, int_range, rectified_sigmoid, sqnr_db
 from zeroshot_kd.quant.modules import QuantConv2d
@@ -192,26 +194,12 @@ def test_sqnr():
     assert sqnr_db(1.0, 0.0) == math.inf
 
 
-def _spy_rand(monkeypatch):
-    """Record (device asked for, generator's device) of every torch.rand call."""
-    calls = []
-    rand = torch.rand
-
-    def spy(*args, generator=None, device=None, **kw):
-        calls.append((None if device is None else torch.device(device), None if generator is None else
-                      generator.device))
-        return rand(*args, generator=generator, device=device, **kw)
-
-    monkeypatch.setattr(torch, "rand", spy)
-    return calls
-
-
 def test_qdrop_masks_are_drawn_on_the_tensors_device_and_seeded(monkeypatch):
     q = FakeQuantizer(4, 0, 15, symmetric=True)
     q.set_qparams(torch.tensor([0.1]))
     x = torch.rand(3, 5, 4, generator=torch.Generator().manual_seed(0))
     q.drop_prob = 0.5
-    calls = _spy_rand(monkeypatch)
+    calls = spy_rand(monkeypatch)
     q.drop_generator = torch.Generator(device=x.device).manual_seed(7)
     out = q(x)
     assert calls == [(x.device, x.device)]         # drawn where x lives, not on the CPU and copied

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from conftest import spy_rand
 from zeroshot_kd.data import FASHION_MNIST_SPEC
 from zeroshot_kd.errors import ZkdError
 from zeroshot_kd.objectives import Objective, ObjectiveSet, build
@@ -156,20 +157,11 @@ def test_reconstruction_draws_qdrop_masks_on_its_device_and_is_deterministic(sma
     res = run(small_teacher, QuantConfig(4, 4), data="gaussian:32", num_images=32, holdout=0)
     x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(8))
     cfg = ReconConfig(iters=3, batch_size=8)
-    calls = []
-    rand = torch.rand
-
-    def spy(*args, generator=None, device=None, **kw):
-        calls.append((None if device is None else torch.device(device), None if generator is None else
-                      generator.device))
-        return rand(*args, generator=generator, device=device, **kw)
-
+    calls = spy_rand(monkeypatch)
     students = []
     for _ in range(2):
         student = copy.deepcopy(res.student)
-        monkeypatch.setattr(torch, "rand", spy)
         reconstruct(student, res.fp_model, [x], torch.device("cpu"), cfg, seed=3, progress=False)
-        monkeypatch.setattr(torch, "rand", rand)
         students.append(student.state_dict())
     cpu = torch.device("cpu")
     # every mask (block inputs and each activation quantizer) drawn on the run's device with a generator there
