@@ -30,7 +30,8 @@ from common import NUM_IMAGES, markdown_table, shards, write_result  # noqa: E40
 
 from zeroshot_kd import load_teacher  # noqa: E402
 from zeroshot_kd.data import make_dataset  # noqa: E402
-from zeroshot_kd.distill import DistillConfig, build_student, distill, evaluate  # noqa: E402
+from zeroshot_kd.distill import DistillConfig, build_student, distill  # noqa: E402
+from zeroshot_kd.evaluate import evaluate_model  # noqa: E402
 from zeroshot_kd.runtime import resolve_device  # noqa: E402
 
 FT_STEPS = int(os.environ.get("ZKD_BENCH_FT_STEPS", 300))
@@ -48,7 +49,13 @@ FP_RUNS = [
 
 
 def pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}"
+    """A percent from :func:`evaluate_model` as the table prints it."""
+    return "-" if x is None else f"{x:.2f}"
+
+
+def evaluate(model, teacher, data, device) -> dict:
+    """The one evaluator (percent), quietly."""
+    return evaluate_model(model, data, device, 512, teacher, progress=False)
 
 
 def quant_section(teacher, data: str, test, device) -> tuple[str, list[list[object]]]:
@@ -64,7 +71,7 @@ def quant_section(teacher, data: str, test, device) -> tuple[str, list[list[obje
     ys = torch.tensor([int(cal[i][1]) for i in range(len(cal))])
 
     before = evaluate(base, teacher.model, test, device)
-    rows = [["none (calibrated only)", pct(before.get("accuracy")), pct(before["agreement"]), "-", "-"]]
+    rows = [["none (calibrated only)", pct(before["top1"]), pct(before["agreement"]), "-", "-"]]
     print(rows[-1], file=sys.stderr, flush=True)
     for combo in [["kd"]] + [["kd", o] for o in FEATURE_OBJECTIVES]:
         student = copy.deepcopy(base)
@@ -73,7 +80,7 @@ def quant_section(teacher, data: str, test, device) -> tuple[str, list[list[obje
                         device=device, spec=teacher.spec, progress=False)
         secs = time.perf_counter() - t0
         ev = evaluate(student, teacher.model, test, device)
-        rows.append([" + ".join(combo), pct(ev.get("accuracy")), pct(ev["agreement"]), f"{hist[-1]['loss']:.4g}",
+        rows.append([" + ".join(combo), pct(ev["top1"]), pct(ev["agreement"]), f"{hist[-1]['loss']:.4g}",
                      f"{secs:.0f}"])
         print(rows[-1], file=sys.stderr, flush=True)
     header = ["fine-tuning objective", "test acc %", "agreement %", "final loss", "seconds"]
@@ -92,7 +99,7 @@ def fp_section(teacher, data: str, test, device) -> str:
         summary = distill(teacher, student, ds, specs, cfg, device, progress=False)
         secs = time.perf_counter() - t0
         ev = evaluate(student, teacher.model, test, device)
-        rows.append([label, " ".join(specs), pct(ev.get("accuracy")), pct(ev["agreement"]),
+        rows.append([label, " ".join(specs), pct(ev["top1"]), pct(ev["agreement"]),
                      f"{summary['final']['loss']:.4g}", f"{secs:.0f}"])
         print(rows[-1], file=sys.stderr, flush=True)
     header = ["student objective", "--objective", "test acc %", "agreement %", "final epoch loss", "seconds"]
@@ -113,7 +120,7 @@ def main() -> None:
     fp_table = fp_section(teacher, data, test, device) if "fp" in sections else no_run
     text = (
         "# KD objectives (bench/bench_objectives.py)\n\n"
-        f"Teacher: shipped fmnist_resnet14, test accuracy {pct(t_eval['accuracy'])} % on {len(test)} real "
+        f"Teacher: shipped fmnist_resnet14, test accuracy {pct(t_eval['top1'])} % on {len(test)} real "
         f"Fashion-MNIST test images. Data: {NUM_IMAGES} DeepInversion shards (bench/common.py). "
         f"Device: {device} ({platform.processor() or platform.machine()}), torch {torch.__version__}. One seed per "
         "row unless marked; differences below the kd seed spread are noise.\n\n"

@@ -32,7 +32,7 @@ from .runtime import batch_generator, batch_seed
 from .teachers import Teacher, load_teacher
 from .training import TrainConfig, shuffled_batches, train_student
 
-__all__ = ["DistillConfig", "build_student", "dataset_labels", "distill", "evaluate", "pair_batches"]
+__all__ = ["DistillConfig", "build_student", "dataset_labels", "distill", "pair_batches"]
 
 
 DistillConfig = TrainConfig
@@ -125,19 +125,6 @@ def pair_batches(labels: torch.Tensor, batch_size: int, generator: torch.Generat
             partners.append(pool[min(int(u * len(pool)), len(pool) - 1)])
         batches.append(anchors + partners)
     return batches
-
-
-def evaluate(student: nn.Module, teacher: nn.Module | None, data: Dataset, device: torch.device,
-             batch_size: int = 512, precision: str = "fp32") -> dict[str, float]:
-    """Deprecated: use :func:`zeroshot_kd.evaluate.evaluate_model` (percent). Kept for callers of the old API:
-    the same evaluation as fractions, ``{"accuracy", "agreement"}`` (keys present where labels / a teacher exist)."""
-    res = evaluate_model(student, data, device, batch_size, teacher, precision, progress=False)
-    out: dict[str, float] = {}
-    if res["top1"] is not None:
-        out["accuracy"] = res["top1"] / 100.0
-    if res["agreement"] is not None:
-        out["agreement"] = res["agreement"] / 100.0
-    return out
 
 
 def distill(
