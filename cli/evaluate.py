@@ -38,7 +38,8 @@ def command(model_spec: str, data: str, num_images: int | None, batch_size: int,
     from zeroshot_kd import load_teacher
     from zeroshot_kd.data import make_dataset
     from zeroshot_kd.errors import ZkdError
-    from zeroshot_kd.evaluate import evaluate_model, load_model
+    from zeroshot_kd.evaluate import evaluate_model
+    from zeroshot_kd.loading import load_model
     from zeroshot_kd.runtime import resolve_device
 
     dev = resolve_device(device)

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .errors import ZkdError
 from .runtime import batch_generator
+from .shards import ShardDataset
 from .spec import InputSpec
 
 __all__ = [
@@ -243,8 +244,6 @@ def make_dataset(source: str, spec: InputSpec, num_images: int | None = None, se
     kind, arg = parse_source(source)
     indices: list[int] | None = None
     if kind == "shards":
-        from .shards import ShardDataset
-
         ds: Dataset = ShardDataset(arg, verify=verify, expect_spec=spec)
     elif kind == "folder":
         ds = _folder_dataset(arg, spec)

@@ -27,9 +27,11 @@ from .errors import ZkdError
 from .evaluate import evaluate_model
 from .io import atomic_write_json
 from .modelspec import ModelRecord, build_model
+from .models import noskip_card
 from .objectives import ObjectiveSet, build
 from .runtime import batch_generator, batch_seed
 from .teachers import Teacher, load_teacher
+from .teachers import Teacher, load_checkpoint_state, load_teacher
 from .training import TrainConfig, shuffled_batches, train_student
 
 __all__ = ["DistillConfig", "build_student", "dataset_labels", "distill", "pair_batches"]
@@ -60,8 +62,6 @@ def build_student(spec: str, teacher: Teacher, weights: str | None = None, arch:
         m = _CIFAR_RESNET.fullmatch(spec)
         n = spec.startswith("noskip:")
         if n:  # the architecture with every shortcut removed (zeroshot_kd.models.noskip)
-            from .models import noskip_card
-
             card = noskip_card(spec, c, k)
             record = ModelRecord(card.pop("builder"), card)
         elif m:
@@ -73,8 +73,6 @@ def build_student(spec: str, teacher: Teacher, weights: str | None = None, arch:
             except ValueError as e:
                 raise ZkdError(f"--student {spec}: {e}") from None
             if weights and weights.lower() != "none":
-                from .teachers import load_checkpoint_state
-
                 try:
                     model.load_state_dict(load_checkpoint_state(weights))
                 except RuntimeError as e:

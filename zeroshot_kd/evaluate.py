@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .errors import ZkdError
 from .runtime import autocast
 
-__all__ = ["evaluate_model", "load_model", "topk_correct"]
+__all__ = ["evaluate_model", "topk_correct"]
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
@@ -97,28 +97,3 @@ def evaluate_model(model: nn.Module, dataset: Dataset, device: torch.device | st
         out["logits"] = torch.cat(kept) if kept else torch.zeros(0)
         out["teacher_logits"] = torch.cat(kept_t) if kept_t else None
     return out
-
-
-def load_model(spec: str, device: torch.device | str = "cpu", **teacher_kwargs: Any) -> tuple[nn.Module, Any, dict]:
-    """Load ``spec`` as a student file (``zkd calibrate --out``) or else as a teacher spec.
-
-    ``trust_builders=True`` (among ``teacher_kwargs``) applies to both: see :mod:`zeroshot_kd.modelspec`.
-
-    Returns:
-        (model in eval mode, its InputSpec, a description dict with ``kind`` "student" or "teacher").
-    """
-    if str(spec).lower().endswith(".onnx"):  # a 'zkd export' graph, run by ONNX Runtime (kind "onnx")
-        from .export.runtime import load_onnx_model
-
-        return load_onnx_model(spec)
-    from pathlib import Path
-
-    from .quant.student import is_student_file, load_student
-    from .teachers import load_teacher
-
-    if Path(spec).is_file() and is_student_file(spec):
-        student = load_student(spec, device=device, trust_builders=teacher_kwargs.get("trust_builders", False))
-        return student, student.zkd_spec, {"kind": "student", "spec": spec,
-                                           "convention": student.zkd_info["config"].get("convention")}
-    t = load_teacher(spec, device=device, **teacher_kwargs)
-    return t.model, t.spec, {"kind": "teacher", "spec": spec, "weights_sha256": t.weights_sha256}

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 import torch
 
 from .errors import ZkdError
+from .version import __version__
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_torch_save", "load_versioned"]
 
@@ -69,8 +70,6 @@ def load_versioned(path: str | os.PathLike, fmt: str, versions: tuple[int, ...],
     if not isinstance(obj, dict) or obj.get("format") != fmt:
         return None
     if obj.get("format_version") not in versions:
-        from .version import __version__
-
         raise ZkdError(f"{path}: unknown {what} format version {obj.get('format_version')!r}; this zkd {__version__} "
                        f"reads version {', '.join(map(str, versions))} -- {fix} or upgrade zkd")
     return obj

@@ -41,6 +41,7 @@ from typing import Any, Callable, Mapping
 from torch import nn
 
 from .errors import ZkdError
+from . import models
 from .spec import InputSpec
 
 __all__ = [
@@ -355,8 +356,6 @@ def resolve_builder(name: str, *, user_spec: bool = False, trust_builders: bool 
         raise ZkdError(f"{where}: unknown builder {name!r}; name a torchvision model, zeroshot_kd.models:NAME, a "
                        "built-in teacher, a registered builder, or a module:function")
     if mod == _ZOO_MODULE:
-        from . import models
-
         if attr not in models.__all__:
             raise ZkdError(f"{where}: zeroshot_kd.models has no model {attr!r}; use one of: "
                            f"{', '.join(models.__all__)}")

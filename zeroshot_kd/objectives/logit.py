@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ZkdError
+from ..teachers import load_teacher
 from .base import KDBatch, clean_copy, Objective, Param, as_float, kl_div, soft_kl
 
 __all__ = ["CE", "CSKD", "KD", "LabelSmoothing", "TfKDReg", "TfKDSelf", "kd_loss", "label_smoothing_loss",
@@ -184,8 +185,6 @@ class TfKDSelf(Objective):
         if spec == "copy":
             model = clean_copy(student)
         else:
-            from ..teachers import load_teacher
-
             model = load_teacher(spec, device=device).model
         self._self = [model.eval().requires_grad_(False).to(device)]
 

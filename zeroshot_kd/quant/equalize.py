@@ -40,6 +40,7 @@ from torch import nn
 from ..capture import Capture
 from ..errors import ZkdError
 from .fold import module_call_counts, set_module
+from .modules import quant_layers
 
 __all__ = ["EQUALIZE_CRITERIA", "RELU6_MODES", "ChannelClip", "activation_ranges", "correct_bias", "equalize", "find_equalization_pairs"]
 
@@ -226,8 +227,6 @@ def correct_bias(model: nn.Module, batches: Sequence[torch.Tensor], device: torc
     Returns:
         Per layer: the largest absolute bias change.
     """
-    from .modules import quant_layers
-
     layers = [(n, l) for n, l in quant_layers(model) if l.bias is not None]
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ZkdError
+from ..charts import line_chart, png_bytes
 from .calibrate import search_weight_qparams
 from .fakequant import int_range
 from .modules import LayerConfig, QuantConfig, quantize_model
@@ -243,8 +244,6 @@ def choose_bits(float_model: nn.Module, config: QuantConfig, x: torch.Tensor, de
 
 def frontier_png(mp: MixedPrecision | dict[str, Any], points: int = 40) -> bytes:
     """A PNG of the Pareto frontier (weight size vs predicted sensitivity, log y), the chosen point marked."""
-    from ..charts import line_chart, png_bytes
-
     d = mp.to_dict() if isinstance(mp, MixedPrecision) else mp
     front = [(s, v) for s, v in d["frontier"] if v > 0]
     if not front:

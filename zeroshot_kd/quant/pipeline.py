@@ -31,6 +31,7 @@ from ..data import make_dataset, parse_source
 from ..errors import ZkdError
 from ..evaluate import evaluate_model
 from ..objectives import ObjectiveSet
+from ..shards import read_manifest
 from .calibrate import ACT_METHODS, calibrate_weights
 from .finetune import DEFAULT_TEMPERATURE, finetune, finetune_objectives
 from .fold import fold_bn
@@ -122,8 +123,6 @@ def check_data_teacher(source: str, teacher: Any) -> None:
     kind, arg = data_kind(source)
     if kind != "shards":
         return
-    from ..shards import read_manifest
-
     manifest = read_manifest(arg)
     recorded = (manifest.get("teacher") or {}).get("weights_sha256")
     if recorded and teacher.weights_sha256 and recorded != teacher.weights_sha256:

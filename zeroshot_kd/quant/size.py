@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import ZkdError
+from .student import read_student_file
 
 __all__ = ["ModelSize", "format_model_size", "model_size"]
 
@@ -59,8 +60,6 @@ def model_size(path: str | os.PathLike, fp32_bytes: int | None = None) -> ModelS
     Raises:
         ZkdError: ``path`` is not a student file.
     """
-    from .student import read_student_file
-
     obj = read_student_file(path, decode=False)
     if obj is None:
         raise ZkdError(f"{path} is not a zkd student file; pass the --out of 'zkd calibrate'")

@@ -48,6 +48,7 @@ from ..errors import ZkdError
 from ..io import atomic_write_bytes, load_versioned
 from ..modelspec import ModelRecord, build_model, spec_record
 from ..spec import InputSpec
+from .equalize import ChannelClip
 from .fold import set_module
 from .modules import LayerConfig, QuantConfig, quant_layers, quantize_model
 from .packing import pack_bits, unpack_bits
@@ -166,8 +167,6 @@ def save_student(path: str | os.PathLike, student: nn.Module, config: QuantConfi
         "size": {"fp32_bytes": _fp32_bytes(teacher)},
         "calibration": json.loads(json.dumps(calibration or {}, default=str)),
     }
-    from .equalize import ChannelClip
-
     clips = [n for n, m in student.named_modules() if isinstance(m, ChannelClip)]
     if clips:  # cross-layer equalization replaced ReLU6 modules (the per-channel bounds are in ``state``)
         obj["channel_clips"] = clips
@@ -259,8 +258,6 @@ def load_student(path: str | os.PathLike, model: nn.Module | None = None,
             conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype))
         set_module(model, bn_name, nn.Identity())
     if obj.get("channel_clips"):
-        from .equalize import ChannelClip
-
         for clip_path in obj["channel_clips"]:
             upper = obj["state"].get(f"{clip_path}.upper")
             if upper is None:

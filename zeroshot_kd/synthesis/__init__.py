@@ -6,6 +6,8 @@ for its loss, defaults and where it departs from the paper or the authors' code.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,6 +17,7 @@ from torch import nn
 from ..errors import ZkdError
 from ..runtime import resolve_device
 from ..teachers import Teacher, load_teacher
+from ..validate import check_finite, check_teacher_input
 from . import adi, bns, deepinversion, gaussian, inception
 from .base import COMMON_DEFAULTS, Method
 from .engine import SynthesisConfig, optimize_batch, run_synthesis
@@ -82,8 +85,6 @@ def synthesize(
     _validate(hp, num_images, batch_size)
     dev = resolve_device(device)
     t = _on_device(teacher, dev) if isinstance(teacher, Teacher) else load_teacher(teacher, device=dev)
-    from ..validate import check_teacher_input
-
     check_teacher_input(t.model, t.spec, multires=bool(hp["multires_iterations"]))  # before any output exists
     cfg = SynthesisConfig(method, num_images, batch_size, seed, targets, hp, precision)
     return run_synthesis(out, t, m, cfg, dev, student=student, resume=resume, overwrite=overwrite,
@@ -96,15 +97,10 @@ def _on_device(teacher: Teacher, dev: torch.device) -> Teacher:
     tensors = list(teacher.model.parameters()) + list(teacher.model.buffers())
     if all(p.device == dev or (p.device.type == dev.type and dev.index is None) for p in tensors):
         return teacher
-    import copy
-    import dataclasses
-
     return dataclasses.replace(teacher, model=copy.deepcopy(teacher.model).to(dev))
 
 
 def _validate(hp: dict[str, Any], num_images: int, batch_size: int) -> None:
-    from ..validate import check_finite
-
     check_finite({f"--{k.replace('_', '-')}": v for k, v in hp.items()})
     checks = [
         (num_images >= 1, f"--num-images must be at least 1, got {num_images}"),

@@ -27,6 +27,7 @@ from ..version import __version__
 from ..bn import BNStatsHook, bns_kl_loss, require_bn
 from ..errors import ZkdError
 from ..io import atomic_write_json
+from ..preview import write_preview
 from ..runtime import (autocast, barrier, batch_generator, deterministic_kernels, dist_env, init_process_group,
                        resolve_device)
 from ..shards import FORMAT, FORMAT_VERSION, MANIFEST, shard_name, write_manifest, write_shard
@@ -384,8 +385,6 @@ def run_synthesis(
         manifest: dict[str, Any] = {}
         if env.is_main:
             manifest = _write_manifest(out, teacher, cfg, device, student, env.world_size, time.time() - t_start)
-            from ..preview import write_preview
-
             write_preview(out, teacher.spec, manifest, class_names=teacher.classes)
             if log:
                 log(f"wrote {manifest['num_images']} images in {len(manifest['shards'])} shards to {out}")
