@@ -31,13 +31,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, markdown_table, write_result  # noqa: E402
+from bench.common import markdown_table, write_json, write_result  # noqa: E402
 from zeroshot_kd import load_teacher  # noqa: E402
 from zeroshot_kd.data import make_dataset  # noqa: E402
 from zeroshot_kd.evaluate import evaluate_model  # noqa: E402
 from zeroshot_kd.export import OrtModel, export_onnx, ort_session  # noqa: E402
 from zeroshot_kd.export.runtime import INTEGER_OPS  # noqa: E402
-from zeroshot_kd.io import atomic_write_json  # noqa: E402
 from zeroshot_kd.quant.modules import QuantConfig  # noqa: E402
 from zeroshot_kd.quant.pipeline import CalibrationOptions, calibrate_student  # noqa: E402
 from zeroshot_kd.quant.size import model_size  # noqa: E402
@@ -179,7 +178,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         for label in args.models.split(","):
             results.append(run_model(label, MODELS[label], args, Path(d)))
-    atomic_write_json(RESULTS / "export.json", results)
+    write_json("export", results)
     write_result("export", render(results) + f"\nCommand: `python bench/bench_export.py {' '.join(sys.argv[1:])}`"
                  .rstrip() + "\n")
 

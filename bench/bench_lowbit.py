@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import CACHE, RESULTS, markdown_table, write_result  # noqa: E402
+from common import CACHE, markdown_table, write_json, write_result  # noqa: E402
 
 from zeroshot_kd import load_teacher  # noqa: E402
 from zeroshot_kd.data import make_dataset  # noqa: E402
@@ -175,7 +175,7 @@ def main() -> None:
     lines += [f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, cpu, torch {torch.__version__}.",
               ""]
     write_result(args.name, "\n".join(lines))
-    atomic_write_json(RESULTS / f"{args.name}.json", {"results": results, "settings": vars(args)})
+    write_json(args.name, {"results": results, "settings": vars(args)})
 
 
 if __name__ == "__main__":

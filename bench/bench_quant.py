@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import CACHE, RESULTS, markdown_table, shard_dir, shards, write_result  # noqa: E402
+from common import CACHE, markdown_table, shard_dir, shards, write_json, write_result  # noqa: E402
 
 from zeroshot_kd import load_teacher  # noqa: E402
 from zeroshot_kd.data import make_dataset  # noqa: E402
@@ -190,7 +190,7 @@ def main() -> None:
               f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, device {device}, "
               f"torch {torch.__version__}.", ""]
     write_result(args.name, "\n".join(lines))
-    atomic_write_json(RESULTS / f"{args.name}.json", {"fp32": fp, "main": results, "extras": extras,
+    write_json(args.name, {"fp32": fp, "main": results, "extras": extras,
                                                 "settings": vars(args)})
 
 

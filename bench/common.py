@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent
+REPO = ROOT.parent
 CACHE = Path(os.environ.get("ZKD_BENCH_CACHE", ROOT / "cache"))
 RESULTS = ROOT / "results"
 
@@ -48,9 +52,51 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     return table(header, rows) + "\n"
 
 
+_MACHINE_PATH = re.compile(r"(?:/work|/tmp|/home|/private/var|/var/folders)/[^\s\"'`|,;)\]]*")
+
+
+def machine_free(text: str, repo: Path = REPO, cache: Path = CACHE) -> str:
+    """``text`` without this machine's absolute paths, so results read the same wherever they were measured.
+
+    Paths under the repository become relative to its root (``bench/cache/bns-1024``); a cache outside it
+    (``ZKD_BENCH_CACHE``) is written ``$ZKD_BENCH_CACHE``; any other absolute path under /work, /tmp, /home (or macOS
+    temp folders) is cut to ``<path>/NAME`` and reported on stderr.
+    """
+    repo_s, cache_s = str(repo), str(cache)
+    if not cache_s.startswith(repo_s + os.sep):
+        text = text.replace(cache_s, "$ZKD_BENCH_CACHE")
+    text = text.replace(repo_s + os.sep, "").replace(repo_s, ".")
+
+    def cut(m: re.Match) -> str:
+        print(f"[bench] machine path in a result replaced: {m.group(0)}", file=sys.stderr)
+        return "<path>/" + (m.group(0).rstrip("/").rsplit("/", 1)[-1] or "")
+
+    return _MACHINE_PATH.sub(cut, text)
+
+
+def rel(path: str | os.PathLike) -> str:
+    """``path`` as a result should name it: relative to the repository root where it lies below it."""
+    return machine_free(str(Path(path).resolve()))
+
+
 def write_result(name: str, text: str) -> Path:
+    """Write ``bench/results/NAME.md`` atomically (through :mod:`zeroshot_kd.io`), machine paths removed."""
+    from zeroshot_kd.io import atomic_write_bytes
+
+    text = machine_free(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.md"
-    path.write_text(text)
+    atomic_write_bytes(path, text.encode())
     print(text)
+    return path
+
+
+def write_json(name: str, obj: Any) -> Path:
+    """Write ``bench/results/NAME.json`` atomically, machine paths removed (data sources name cache folders)."""
+    from zeroshot_kd.io import atomic_write_bytes
+
+    text = machine_free(json.dumps(obj, indent=2, default=str))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    atomic_write_bytes(path, (text + "\n").encode())
     return path
