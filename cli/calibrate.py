@@ -8,8 +8,12 @@ from pathlib import Path
 
 import click
 
-from .common import (device_option, echo, emit_json, handle_errors, json_option, load_checked_teacher,
-                     precision_option, seed_option, teacher_kwargs, teacher_options, verify_option)
+from zeroshot_kd.quant.modules import QuantConfig
+from zeroshot_kd.quant.pipeline import CalibrationOptions
+
+from .common import (config_options, device_option, echo, emit_json, handle_errors, json_option,
+                     load_checked_teacher, precision_option, seed_option, teacher_kwargs, teacher_options,
+                     verify_option)
 
 EXAMPLES = """
 \b
@@ -24,81 +28,25 @@ Examples:
 
 bits_type = int  # validated below, so a bad value gets zkd's one-line error
 
+# CalibrationOptions fields shown after the quantization options, in --help order (flags/help/defaults on the fields)
+_ORDER = ["w_method", "a_method", "equalize", "relu6", "equalize_criterion", "bias_correction", "mixed_precision",
+          "size_budget", "lp_p", "candidates", "percentile", "act_images", "batch_size", "recon", "recon_iters",
+          "recon_images", "recon_drop", "recon_lambda", "recon_lr", "finetune_steps", "lr", "scale_lr", "temperature"]
+
 
 @click.command(help="Build a fake-quantized student (BN folded, per-channel weights, per-tensor activations), "
                "calibrate its ranges on --data, optionally reconstruct / fine-tune it against the teacher, and "
                "write the student file plus report.json / report.md.\n" + EXAMPLES,
                context_settings={"show_default": True, "max_content_width": 110})
 @teacher_options
-@click.option("--data", required=True, metavar="SOURCE",
-              help="Calibration data: DIR or shards:DIR (zkd synthesize), folder:DIR, fashion-mnist:train|test, "
-              "gaussian:N.")
-@click.option("--num-images", type=click.IntRange(min=1), default=1024,
-              help="Calibration images used: a seeded random sample of --data, stratified by class where labels are "
-                   "known.")
+@config_options(CalibrationOptions, ["data", "num_images"])
 @verify_option
-@click.option("--holdout", type=click.IntRange(min=0), default=256,
-              help="Further images of --data kept out of calibration for the report's agreement/KL.")
-@click.option("--eval-data", default=None, metavar="SOURCE", help="Also report top-1/top-5 on this source "
-              "(e.g. fashion-mnist:test).")
-@click.option("--eval-images", type=click.IntRange(min=1), default=None, help="Cap on --eval-data images.")
+@config_options(CalibrationOptions, ["holdout", "eval_data", "eval_images"])
 @click.option("--bits", type=bits_type, default=4, help="Weight and activation bits, 2..8.")
 @click.option("--w-bits", type=bits_type, default=None, help="Weight bits, 2..8 (overrides --bits).")
 @click.option("--a-bits", type=bits_type, default=None, help="Activation bits, 2..8 (overrides --bits).")
-@click.option("--w-asym", is_flag=True, help="Asymmetric per-channel weight grid [0, 2^b-1] + zero point "
-              "(default: symmetric narrow [-(2^(b-1)-1), 2^(b-1)-1]).")
-@click.option("--keep-8bit", default="first,last", metavar="first,last|first|last|none",
-              help="Layers kept at 8 bits: first = first layer W8 and network input unquantized; last = last "
-              "layer W8 with A8 input. none quantizes everything.")
-@click.option("--fold/--no-fold", "fold_bn", default=True, help="Fold BatchNorm into the student's convs "
-              "(without folding, BN stays in eval mode).")
-@click.option("--w-method", type=click.Choice(["lp", "mse", "minmax"]), default="lp",
-              help="Weight range search per channel.")
-@click.option("--a-method", type=click.Choice(["output", "auto", "mse", "lp", "percentile", "minmax"]),
-              default="output", help="Activation range search per tensor: output = clipping that minimizes the "
-              "consuming layer's output error; auto = output, mse or minmax, whichever gives the lowest logit KL on "
-              "the calibration images; mse/lp/percentile/minmax = the tensor's own error.")
-@click.option("--equalize/--no-equalize", default=None, help="Cross-layer equalization of consecutive conv pairs "
-              "(DFQ) on the folded float copy before quantization [default: on with --keep-8bit none, else off].")
-@click.option("--relu6", type=click.Choice(["clip", "relu", "skip"]), default="clip",
-              help="Equalization through ReLU6: clip = per-channel rescaled clip (exact), relu = replace by ReLU, "
-              "skip = leave those pairs.")
-@click.option("--equalize-criterion", type=click.Choice(["weight", "activation"]), default="weight",
-              help="Equalization ranges: weight = DFQ (A's output-channel weight ranges vs B's input-channel "
-              "ranges); activation = measured activation channel ranges vs B's input-channel ranges.")
-@click.option("--bias-correction/--no-bias-correction", default=None,
-              help="Subtract the mean output shift caused by weight quantization (empirical, calibration images) "
-              "[default: on with --keep-8bit none, else off].")
-@click.option("--mixed-precision", is_flag=True, help="Per-layer weight bits from {2,3,4,6,8} by ZeroQ "
-              "sensitivity within --size-budget.")
-@click.option("--size-budget", default=None, metavar="MB|RATIO", help="Weight size budget for --mixed-precision, "
-              "e.g. 2.5MB or 0.125x of FP32 [default: the size of the uniform --bits student].")
-@click.option("--lp-p", type=click.FloatRange(min=1), default=2.4, help="Exponent of the lp searches.")
-@click.option("--candidates", type=click.IntRange(min=1), default=100, help="Clipping ratios tried per range.")
-@click.option("--percentile", type=click.FloatRange(0, 100, min_open=True), default=99.99,
-              help="Upper percentile kept by --a-method percentile.")
-@click.option("--act-images", type=click.IntRange(min=1), default=None,
-              help="Images used for the activation range search [default: all calibration images].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Batch size of calibration, "
-              "reconstruction and fine-tuning.")
-@click.option("--recon", is_flag=True, help="Block-wise reconstruction against the float model (AdaRound weights, "
-              "learned activation steps, QDrop).")
-@click.option("--recon-iters", type=click.IntRange(min=0), default=1000, help="Optimizer steps per block.")
-@click.option("--recon-images", type=click.IntRange(min=1), default=None,
-              help="Images cached for reconstruction [default: all calibration images].")
-@click.option("--recon-drop", type=click.FloatRange(0, 1, min_open=True), default=0.5,
-              help="QDrop probability of using the quantized value (1 = BRECQ, no dropping).")
-@click.option("--recon-lambda", type=click.FloatRange(min=0), default=0.01, help="AdaRound rounding-loss weight.")
-@click.option("--recon-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3,
-              help="Adam learning rate of the AdaRound rounding variables.")
-@click.option("--finetune-steps", type=click.IntRange(min=0), default=0,
-              help="KD fine-tuning steps of weights and step sizes (0 = off).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-5,
-              help="Fine-tuning Adam learning rate of weights/biases (cosine decay).")
-@click.option("--scale-lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Fine-tuning learning rate of the step sizes [default: --lr].")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=4.0,
-              help="KD temperature T of the fine-tuning loss T^2 * KL(p_t^T || p_s^T).")
+@config_options(QuantConfig, ["w_asym", "keep_8bit", "fold_bn"], keep_8bit={"default": "first,last"})
+@config_options(CalibrationOptions, _ORDER)
 @click.option("--objective", "objectives", multiple=True, metavar="NAME[:k=v,...]",
               help="Fine-tuning objective, repeatable, e.g. --objective kd:T=4 --objective rkd:weight=1 "
               "[default: kd at --temperature]; see docs/objectives.md.")
@@ -117,8 +65,7 @@ def command(bits: int, w_bits: int | None, a_bits: int | None, w_asym: bool, kee
     """Options named like CalibrationOptions fields reach it through ``kw``; the rest are the teacher options."""
     from zeroshot_kd.errors import ZkdError
     from zeroshot_kd.io import atomic_write_bytes, atomic_write_json
-    from zeroshot_kd.quant.modules import QuantConfig
-    from zeroshot_kd.quant.pipeline import CalibrationOptions, calibrate_student
+    from zeroshot_kd.quant.pipeline import calibrate_student
     from zeroshot_kd.quant.report import render_markdown
     from zeroshot_kd.quant.student import architecture_record, save_student
     from zeroshot_kd.runtime import resolve_device

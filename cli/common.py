@@ -23,6 +23,56 @@ def parse_floats(ctx: click.Context, param: click.Parameter, value: str | None) 
         raise click.BadParameter(f"expected a comma list of numbers, got {value!r}") from None
 
 
+def config_options(cls: type, names: list[str] | None = None,
+                   **overrides: dict[str, Any]) -> Callable[[Callable], Callable]:
+    """Click options generated from the :func:`zeroshot_kd.config.option` fields of config class ``cls``.
+
+    Each option's flag, help, bounds, choices and default are written once, on the field; ``names`` picks and orders
+    the fields (default: all option fields in field order); ``overrides[name]`` changes the command's default or
+    bounds where a command differs from the library (``epochs={"default": 10}``). The parameters reach the command
+    under the field names.
+    """
+    import dataclasses
+
+    from zeroshot_kd.config import option_fields
+
+    decorators = []
+    for f in option_fields(cls, names):
+        spec = dataclasses.replace(f.metadata["option"], **{k: v for k, v in overrides.get(f.name, {}).items()
+                                                              if k != "default"})
+        default = overrides.get(f.name, {}).get("default", f.default)
+        flag = spec.flag_for(f.name)
+        kind = spec.kind or ("flag" if default is False else "bool" if isinstance(default, bool) else
+                             "float" if isinstance(default, float) else "int" if isinstance(default, int) else "str")
+        kw: dict[str, Any] = {"default": default, "help": spec.help, "show_default": True}
+        if default is dataclasses.MISSING:
+            kw = {"required": True, "help": spec.help}
+        if spec.metavar:
+            kw["metavar"] = spec.metavar
+        decls = [flag, f.name]
+        if kind == "flag":
+            kw["is_flag"] = True
+        elif kind == "bool":
+            decls = [f"{flag}/{spec.secondary or '--no-' + flag[2:]}", f.name]
+        elif spec.choices is not None:
+            kw["type"] = click.Choice(list(spec.choices))
+        elif kind in ("int", "float"):
+            rng = click.IntRange if kind == "int" else click.FloatRange
+            bounds = {"min": spec.min, "max": spec.max}
+            if kind == "float":
+                bounds.update(min_open=spec.min_open, max_open=spec.max_open)
+            kw["type"] = rng(**bounds) if spec.min is not None or spec.max is not None else \
+                (int if kind == "int" else float)
+        decorators.append(click.option(*decls, **kw))
+
+    def apply(fn: Callable) -> Callable:
+        for d in reversed(decorators):
+            fn = d(fn)
+        return fn
+
+    return apply
+
+
 def teacher_options(f: Callable) -> Callable:
     """``--teacher`` and the overrides for custom teachers, shared by every subcommand that loads one."""
     opts = [

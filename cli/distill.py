@@ -7,8 +7,10 @@ from typing import Any
 
 import click
 
-from cli.common import (device_option, echo, emit_json, handle_errors, json_option, load_checked_teacher,
-                        precision_option, seed_option, teacher_kwargs, teacher_options, verify_option)
+from cli.common import (config_options, device_option, echo, emit_json, handle_errors, json_option,
+                        load_checked_teacher, precision_option, seed_option, teacher_kwargs, teacher_options,
+                        verify_option)
+from zeroshot_kd.training import TrainConfig as DistillConfig
 
 
 # Kept static so that `zkd --help` does not import torch; tests check it against the registry.
@@ -34,15 +36,8 @@ OBJECTIVE_HELP = ("Objective NAME[:key=value,...], repeatable (default: kd); wei
               help="Use a seeded random sample of N training images, stratified by class where labels are known.")
 @verify_option
 @click.option("--objective", "objective_specs", multiple=True, metavar="SPEC", help=OBJECTIVE_HELP)
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="Budget in optimizer steps instead of --epochs (passes repeat as needed).")
-@click.option("--batch-size", type=click.IntRange(min=2), default=128, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True,
-              help="Peak learning rate (cosine decay).")
-@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True)
-@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
+@config_options(DistillConfig, ["epochs", "steps", "batch_size", "lr", "optimizer", "weight_decay", "schedule"],
+                epochs={"default": 10}, batch_size={"min": 2})
 @click.option("--eval-data", default=None, metavar="SOURCE",
               help="Evaluated before training and after each epoch (accuracy, agreement with the teacher), "
                    "e.g. fashion-mnist:test.")
@@ -50,10 +45,7 @@ OBJECTIVE_HELP = ("Objective NAME[:key=value,...], repeatable (default: kd); wei
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Student checkpoint to write (.pt).")
 @click.option("--metrics", default=None, type=click.Path(dir_okay=False),
               help="JSONL metrics file; default: OUT with suffix .jsonl.")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader workers.")
-@click.option("--freeze-bn", is_flag=True, default=False,
-              help="Train with the student in eval mode: BatchNorm uses and keeps its running statistics (no "
-                   "dropout); under torchrun on CPU this makes the result equal to one process.")
+@config_options(DistillConfig, ["workers", "freeze_bn"])
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar with loss terms.")
 @device_option
 @precision_option
@@ -61,13 +53,14 @@ OBJECTIVE_HELP = ("Objective NAME[:key=value,...], repeatable (default: kd); wei
 @json_option
 @handle_errors
 def command(student_spec: str, student_weights: str | None, student_arch: str | None, data: str,
-            num_images: int | None, objective_specs: tuple[str, ...], epochs: int, steps: int | None,
-            batch_size: int, lr: float, optimizer: str, weight_decay: float, schedule: str, eval_data: str | None,
-            eval_images: int | None, out: str, metrics: str | None, workers: int, freeze_bn: bool, progress: bool,
+            num_images: int | None, objective_specs: tuple[str, ...], eval_data: str | None,
+            eval_images: int | None, out: str, metrics: str | None, progress: bool,
             device: str, precision: str, seed: int, as_json: bool, verify: bool = True, **kw: Any) -> None:
+    """Options named like DistillConfig fields reach it through ``kw``; the rest are the teacher options."""
     from zeroshot_kd.validate import check_writable
     from zeroshot_kd.data import make_dataset
-    from zeroshot_kd.distill import DistillConfig, build_student, distill
+    from zeroshot_kd.config import option_fields
+    from zeroshot_kd.distill import build_student, distill
     from zeroshot_kd.errors import ZkdError
     from zeroshot_kd.objectives import build
     from zeroshot_kd.runtime import dist_env, resolve_device
@@ -79,19 +72,18 @@ def command(student_spec: str, student_weights: str | None, student_arch: str | 
     if not out_path.parent.is_dir():
         raise ZkdError(f"--out {out}: folder {out_path.parent} does not exist")
     check_writable(out_path, "--out")
+    cfg = DistillConfig(**{f.name: kw.pop(f.name) for f in option_fields(DistillConfig)}, seed=seed,
+                        precision=precision)
     tk = teacher_kwargs(kw)
     teacher = load_checked_teacher(dev, **tk)
     train = make_dataset(data, teacher.spec, num_images, seed=seed, verify=verify)
     evald = make_dataset(eval_data, teacher.spec, eval_images, seed=seed, verify=verify) if eval_data else None
     student, card = build_student(student_spec, teacher, weights=student_weights, arch=student_arch, seed=seed,
                                   device=dev, trust_builders=tk["trust_builders"])
-    cfg = DistillConfig(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                        weight_decay=weight_decay, schedule=schedule, seed=seed, precision=precision, workers=workers,
-                        freeze_bn=freeze_bn)
     metrics_path = metrics or str(out_path.with_suffix(".jsonl"))
     env = dist_env()
     if env.is_main:
-        budget = f"{steps} step(s)" if steps else f"{epochs} epoch(s)"
+        budget = f"{cfg.steps} step(s)" if cfg.steps else f"{cfg.epochs} epoch(s)"
         ranks = f" x {env.world_size} processes" if env.world_size > 1 else ""
         echo(f"zkd distill: {student_spec} <- {teacher.source.get('spec')} on {data} ({len(train)} images), "
              f"objectives {' + '.join(specs)}, {budget} on {dev}{ranks}")

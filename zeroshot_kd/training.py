@@ -34,13 +34,14 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .config import Config, option, require
 from .errors import ZkdError
 from .evaluate import evaluate_model
 from .io import atomic_write_bytes
@@ -56,7 +57,7 @@ CHECKPOINT_VERSION = 1
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
     """Hyper-parameters of :func:`train_student` (and of ``zkd distill``, which records them in its card).
 
     Attributes:
@@ -78,52 +79,42 @@ class TrainConfig:
         objective_lr: learning rate of the objective-owned parameters (connectors, peers); None: ``lr``.
     """
 
-    epochs: int = 1
-    steps: int | None = None
-    batch_size: int = 128
-    lr: float = 0.05
-    optimizer: str = "sgd"
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
+    config_name: ClassVar[str] = "training"
+
+    epochs: int = option(1, "", min=1)
+    steps: int | None = option(None, "Budget in optimizer steps instead of --epochs (passes repeat as needed).",
+                               kind="int", min=1)
+    batch_size: int = option(128, "", min=1)
+    lr: float = option(0.05, "Peak learning rate (cosine decay).", min=0, min_open=True)
+    optimizer: str = option("sgd", "", choices=("sgd", "adam"))
+    weight_decay: float = option(5e-4, "", min=0)
+    schedule: str = option("cosine", "", choices=("cosine", "constant"))
     seed: int = 0
     precision: str = "fp32"
     eval_batch_size: int = 512
-    workers: int = 0
+    workers: int = option(0, "DataLoader workers.", min=0)
     log_every: int | None = None
-    freeze_bn: bool = False
+    freeze_bn: bool = option(False, "Train with the student in eval mode: BatchNorm uses and keeps its running "
+                             "statistics (no dropout); under torchrun on CPU this makes the result equal to one "
+                             "process.")
     sync_bn: bool = True
     objective_lr: float | None = None
 
     def __post_init__(self) -> None:
-        checks = [(self.epochs >= 1, "--epochs must be >= 1"),
-                  (self.steps is None or self.steps >= 1, "--steps must be >= 1"),
-                  (self.batch_size >= 1, "--batch-size must be >= 1"),
-                  (self.lr > 0, "--lr must be > 0"), (self.weight_decay >= 0, "--weight-decay must be >= 0"),
-                  (self.optimizer in ("sgd", "adam"), f"unknown optimizer {self.optimizer!r}; use sgd or adam"),
-                  (self.schedule in ("cosine", "constant"),
-                   f"unknown schedule {self.schedule!r}; use cosine or constant"),
-                  (self.precision in ("fp32", "bf16", "fp16"),
-                   f"unknown precision {self.precision!r}; use fp32, bf16 or fp16"),
-                  (self.eval_batch_size >= 1, "eval batch size must be >= 1"),
-                  (self.workers >= 0, "--workers must be >= 0"),
-                  (self.log_every is None or self.log_every >= 1, "log_every must be >= 1"),
-                  (self.objective_lr is None or self.objective_lr > 0, "objective_lr must be > 0")]
-        for ok, msg in checks:
-            if not ok:
-                raise ZkdError(msg)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (recorded in cards and summaries)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        """Inverse of :meth:`to_dict`; keys missing from older records take their defaults."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ZkdError(f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-        return cls(**d)
+        require([(self.epochs >= 1, "--epochs must be >= 1"),
+                 (self.steps is None or self.steps >= 1, "--steps must be >= 1"),
+                 (self.batch_size >= 1, "--batch-size must be >= 1"),
+                 (self.lr > 0, "--lr must be > 0"), (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+                 (self.optimizer in ("sgd", "adam"), f"unknown optimizer {self.optimizer!r}; use sgd or adam"),
+                 (self.schedule in ("cosine", "constant"),
+                  f"unknown schedule {self.schedule!r}; use cosine or constant"),
+                 (self.precision in ("fp32", "bf16", "fp16"),
+                  f"unknown precision {self.precision!r}; use fp32, bf16 or fp16"),
+                 (self.eval_batch_size >= 1, "eval batch size must be >= 1"),
+                 (self.workers >= 0, "--workers must be >= 0"),
+                 (self.log_every is None or self.log_every >= 1, "log_every must be >= 1"),
+                 (self.objective_lr is None or self.objective_lr > 0, "objective_lr must be > 0")])
+        self.check_fields()
 
 
 @dataclass

@@ -13,13 +13,14 @@ BRECQ/QDrop; ``keep_8bit=()`` quantizes every layer, including the network input
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import Config, option
 from ..errors import ZkdError
 from .fakequant import FakeQuantizer, int_range
 from .fold import set_module
@@ -53,7 +54,7 @@ def parse_keep_8bit(value: str | Iterable[str] | None) -> tuple[str, ...]:
 
 
 @dataclass
-class QuantConfig:
+class QuantConfig(Config):
     """What to quantize and how (the part of a calibration that defines the student's structure).
 
     Attributes:
@@ -65,9 +66,13 @@ class QuantConfig:
 
     w_bits: int = 4
     a_bits: int = 4
-    w_asym: bool = False
-    keep_8bit: tuple[str, ...] = ("first", "last")
-    fold_bn: bool = True
+    w_asym: bool = option(False, "Asymmetric per-channel weight grid [0, 2^b-1] + zero point (default: symmetric "
+                          "narrow [-(2^(b-1)-1), 2^(b-1)-1]).")
+    keep_8bit: tuple[str, ...] = option(("first", "last"), "Layers kept at 8 bits: first = first layer W8 and "
+                                        "network input unquantized; last = last layer W8 with A8 input. none "
+                                        "quantizes everything.", kind="str", metavar="first,last|first|last|none")
+    fold_bn: bool = option(True, "Fold BatchNorm into the student's convs (without folding, BN stays in eval mode).",
+                           flag="--fold", secondary="--no-fold")
 
     def __post_init__(self) -> None:
         for what, b in (("weight", self.w_bits), ("activation", self.a_bits)):
@@ -91,14 +96,6 @@ class QuantConfig:
         parts.append("BN folded" if self.fold_bn else "BN not folded (eval mode)")
         return "; ".join(parts)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["keep_8bit"] = list(self.keep_8bit)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
-        return cls(int(d["w_bits"]), int(d["a_bits"]), bool(d["w_asym"]), tuple(d["keep_8bit"]), bool(d["fold_bn"]))
 
 
 @dataclass

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING as _MISSING, dataclass, field
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from ..config import Config, option, require
 from ..data import make_dataset, parse_source
 from ..errors import ZkdError
 from ..evaluate import evaluate_model
@@ -46,61 +47,73 @@ __all__ = ["CalibrationOptions", "CalibrationResult", "calibrate_student", "chec
 
 
 @dataclass
-class CalibrationOptions:
-    """Everything about *how* to calibrate (the QuantConfig says *what* the student is)."""
+class CalibrationOptions(Config):
+    """Everything about *how* to calibrate (the QuantConfig says *what* the student is).
 
-    data: str
-    num_images: int = 1024
-    holdout: int = 256
-    eval_data: str | None = None
-    eval_images: int | None = None
-    batch_size: int = 32
-    w_method: str = "lp"
-    a_method: str = "output"
-    lp_p: float = 2.4
-    candidates: int = 100
-    percentile: float = 99.99
-    act_images: int | None = None
-    recon: bool = False
-    recon_iters: int = 1000
-    recon_images: int | None = None
-    recon_drop: float = 0.5
-    recon_lambda: float = 0.01
-    recon_lr: float = 1e-3
-    equalize: bool | None = None
-    relu6: str = "clip"
-    equalize_criterion: str = "weight"
-    bias_correction: bool | None = None
-    mixed_precision: bool = False
-    size_budget: str | None = None
-    finetune_steps: int = 0
-    lr: float = 1e-5
-    scale_lr: float | None = None
-    temperature: float = DEFAULT_TEMPERATURE
+    Each field with an :func:`~zeroshot_kd.config.option` is also ``zkd calibrate``'s option of that name (flag,
+    help, bounds and default written once, here); the bounds are checked for Python callers too.
+    """
+
+    data: str = option(_MISSING, "Calibration data: DIR or shards:DIR (zkd synthesize), folder:DIR, "
+                       "fashion-mnist:train|test, gaussian:N.", metavar="SOURCE")
+    num_images: int = option(1024, "Calibration images used: a seeded random sample of --data, stratified by class "
+                             "where labels are known.", min=1)
+    holdout: int = option(256, "Further images of --data kept out of calibration for the report's agreement/KL.",
+                          min=0)
+    eval_data: str | None = option(None, "Also report top-1/top-5 on this source (e.g. fashion-mnist:test).",
+                                   metavar="SOURCE")
+    eval_images: int | None = option(None, "Cap on --eval-data images.", kind="int", min=1)
+    batch_size: int = option(32, "Batch size of calibration, reconstruction and fine-tuning.", min=1)
+    w_method: str = option("lp", "Weight range search per channel.", choices=("lp", "mse", "minmax"))
+    a_method: str = option("output", "Activation range search per tensor: output = clipping that minimizes the "
+                           "consuming layer's output error; auto = output, mse or minmax, whichever gives the lowest "
+                           "logit KL on the calibration images; mse/lp/percentile/minmax = the tensor's own error.",
+                           choices=tuple(reversed(NEW_ACT_METHODS)) + ACT_METHODS)
+    lp_p: float = option(2.4, "Exponent of the lp searches.", min=1)
+    candidates: int = option(100, "Clipping ratios tried per range.", min=1)
+    percentile: float = option(99.99, "Upper percentile kept by --a-method percentile.", min=0, max=100,
+                               min_open=True)
+    act_images: int | None = option(None, "Images used for the activation range search [default: all calibration "
+                                    "images].", kind="int", min=1)
+    recon: bool = option(False, "Block-wise reconstruction against the float model (AdaRound weights, learned "
+                         "activation steps, QDrop).")
+    recon_iters: int = option(1000, "Optimizer steps per block.", min=0)
+    recon_images: int | None = option(None, "Images cached for reconstruction [default: all calibration images].",
+                                      kind="int", min=1)
+    recon_drop: float = option(0.5, "QDrop probability of using the quantized value (1 = BRECQ, no dropping).",
+                               min=0, max=1, min_open=True)
+    recon_lambda: float = option(0.01, "AdaRound rounding-loss weight.", min=0)
+    recon_lr: float = option(1e-3, "Adam learning rate of the AdaRound rounding variables.", min=0, min_open=True)
+    equalize: bool | None = option(None, "Cross-layer equalization of consecutive conv pairs (DFQ) on the folded "
+                                   "float copy before quantization [default: on with --keep-8bit none, else off].",
+                                   kind="bool")
+    relu6: str = option("clip", "Equalization through ReLU6: clip = per-channel rescaled clip (exact), relu = "
+                        "replace by ReLU, skip = leave those pairs.", choices=RELU6_MODES)
+    equalize_criterion: str = option("weight", "Equalization ranges: weight = DFQ (A's output-channel weight ranges "
+                                     "vs B's input-channel ranges); activation = measured activation channel ranges "
+                                     "vs B's input-channel ranges.", choices=tuple(reversed(EQUALIZE_CRITERIA)))
+    bias_correction: bool | None = option(None, "Subtract the mean output shift caused by weight quantization "
+                                          "(empirical, calibration images) [default: on with --keep-8bit none, else "
+                                          "off].", kind="bool")
+    mixed_precision: bool = option(False, "Per-layer weight bits from {2,3,4,6,8} by ZeroQ sensitivity within "
+                                   "--size-budget.")
+    size_budget: str | None = option(None, "Weight size budget for --mixed-precision, e.g. 2.5MB or 0.125x of FP32 "
+                                     "[default: the size of the uniform --bits student].", metavar="MB|RATIO")
+    finetune_steps: int = option(0, "KD fine-tuning steps of weights and step sizes (0 = off).", min=0)
+    lr: float = option(1e-5, "Fine-tuning Adam learning rate of weights/biases (cosine decay).", min=0,
+                       min_open=True)
+    scale_lr: float | None = option(None, "Fine-tuning learning rate of the step sizes [default: --lr].",
+                                    kind="float", min=0, min_open=True)
+    temperature: float = option(DEFAULT_TEMPERATURE, "KD temperature T of the fine-tuning loss "
+                                "T^2 * KL(p_t^T || p_s^T).", min=0, min_open=True)
     seed: int = 0
     precision: str = "fp32"
     progress: bool = True
     verify: bool = True  # check shard sha256s against the manifest
 
     def __post_init__(self) -> None:
-        checks = [(self.num_images >= 1, "--num-images must be >= 1"), (self.holdout >= 0, "--holdout must be >= 0"),
-                  (self.batch_size >= 1, "--batch-size must be >= 1"),
-                  (self.candidates >= 1, "--candidates must be >= 1"),
-                  (0 < self.percentile <= 100, "--percentile must be in (0, 100]"),
-                  (self.recon_iters >= 0, "--recon-iters must be >= 0"),
-                  (0 < self.recon_drop <= 1, "--recon-drop must be in (0, 1]"),
-                  (self.recon_lr > 0, "--recon-lr must be > 0"),
-                  (self.finetune_steps >= 0, "--finetune-steps must be >= 0"), (self.lr > 0, "--lr must be > 0"),
-                  (self.temperature > 0, "--temperature must be > 0")]
-        checks += [(self.a_method in ACT_METHODS + NEW_ACT_METHODS,
-                    f"unknown --a-method {self.a_method!r}; use one of {', '.join(NEW_ACT_METHODS + ACT_METHODS)}"),
-                   (self.equalize_criterion in EQUALIZE_CRITERIA,
-                    f"unknown --equalize-criterion {self.equalize_criterion!r}; use activation or weight"),
-                   (self.relu6 in RELU6_MODES, f"unknown --relu6 {self.relu6!r}; use one of {', '.join(RELU6_MODES)}"),
-                   (self.size_budget is None or self.mixed_precision, "--size-budget needs --mixed-precision")]
-        for ok, msg in checks:
-            if not ok:
-                raise ZkdError(msg)
+        self.check_fields()
+        require([(self.size_budget is None or self.mixed_precision, "--size-budget needs --mixed-precision")])
 
 
 @dataclass
@@ -210,6 +223,7 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
     timing["activations"] = time.perf_counter() - t
 
     recon_hist: list[dict] = []
+    rcfg: ReconConfig | None = None
     if opts.recon and opts.recon_iters > 0:
         t = time.perf_counter()
         rcfg = ReconConfig(iters=opts.recon_iters, batch_size=opts.batch_size, drop_prob=opts.recon_drop,
@@ -244,7 +258,9 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
         timing["evaluation"] = time.perf_counter() - t
     timing["total"] = time.perf_counter() - t0
 
-    settings = {k: v for k, v in asdict(opts).items() if k != "progress"}
+    settings = {k: v for k, v in opts.to_dict().items() if k != "progress"}
+    if rcfg is not None:
+        settings["reconstruction"] = rcfg.to_dict()
     settings.update(calibration_images=n_cal, heldout_images=int(hold_x.shape[0]) if separate else 0,
                     device=str(device), torch=torch.__version__, teacher_sha256=teacher.weights_sha256,
                     finetune_loss=(f"T^2 KL, T={opts.temperature}" if not objectives else

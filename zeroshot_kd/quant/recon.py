@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from ..capture import Capture, CaptureError
+from ..config import Config, require
 from ..runtime import batch_generator, batch_seed
 from .modules import QUANT_TYPES, quant_layers
 
@@ -39,17 +41,33 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 MAX_BLOCK_LAYERS = 8
 
 
-class ReconConfig:
-    """Hyper-parameters of :func:`reconstruct` (defaults follow QDrop except the iteration count)."""
+@dataclass
+class ReconConfig(Config):
+    """Hyper-parameters of :func:`reconstruct` (defaults follow QDrop except the iteration count); recorded in the
+    calibration report's settings (``reconstruction``)."""
 
-    def __init__(self, iters: int = 1000, batch_size: int = 32, drop_prob: float = 0.5, reg: float = 0.01,
-                 beta: tuple[float, float] = (20.0, 2.0), warmup: float = 0.2, lr_round: float = 1e-3,
-                 lr_scale: float = 4e-5) -> None:
-        self.iters, self.batch_size, self.drop_prob, self.reg = iters, batch_size, drop_prob, reg
-        self.beta, self.warmup, self.lr_round, self.lr_scale = beta, warmup, lr_round, lr_scale
+    config_name: ClassVar[str] = "reconstruction"
 
-    def to_dict(self) -> dict:
-        return dict(vars(self))
+    iters: int = 1000
+    batch_size: int = 32
+    drop_prob: float = 0.5
+    reg: float = 0.01
+    beta: tuple[float, float] = (20.0, 2.0)
+    warmup: float = 0.2
+    lr_round: float = 1e-3
+    lr_scale: float = 4e-5
+
+    def __post_init__(self) -> None:
+        self.beta = tuple(float(b) for b in self.beta)  # type: ignore[assignment]
+        require([(self.iters >= 0, f"reconstruction iters must be >= 0, got {self.iters}"),
+                 (self.batch_size >= 1, f"reconstruction batch_size must be >= 1, got {self.batch_size}"),
+                 (0 < self.drop_prob <= 1, f"--recon-drop must be in (0, 1], got {self.drop_prob}"),
+                 (self.reg >= 0, f"--recon-lambda must be >= 0, got {self.reg}"),
+                 (len(self.beta) == 2 and all(b > 0 for b in self.beta),
+                  f"reconstruction beta needs two positive values (start, end), got {self.beta}"),
+                 (0 <= self.warmup < 1, f"reconstruction warmup must be a fraction in [0, 1), got {self.warmup}"),
+                 (self.lr_round > 0, f"--recon-lr must be > 0, got {self.lr_round}"),
+                 (self.lr_scale > 0, f"reconstruction lr_scale must be > 0, got {self.lr_scale}")])
 
 
 def find_blocks(model: nn.Module) -> list[str]:

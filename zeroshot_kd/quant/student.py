@@ -263,7 +263,8 @@ def load_student(path: str | os.PathLike, model: nn.Module | None = None,
             if upper is None:
                 raise ZkdError(f"{path}: the file lacks the clip bounds of {clip_path!r}; it is damaged")
             set_module(model, clip_path, ChannelClip(upper.numel(), upper))
-    config = QuantConfig.from_dict(obj["config"])
+    config = QuantConfig.from_dict({k: v for k, v in obj["config"].items() if k != "convention"},
+                                    where=f"{path}: config")
     overrides = {name: LayerConfig(name, d["kind"], int(d["w_bits"]), None if d["a_bits"] is None else int(d["a_bits"]),
                                    bool(d["w_asym"]), d.get("role", ""), bool(d.get("a_signed", False)))
                  for name, d in obj["layers"].items()}

@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import ZkdError
 from ..runtime import resolve_device
 from ..teachers import Teacher, load_teacher
-from ..validate import check_finite, check_teacher_input
+from ..validate import check_teacher_input
 from . import adi, bns, deepinversion, gaussian, inception
 from .base import COMMON_DEFAULTS, Method
 from .engine import SynthesisConfig, optimize_batch, run_synthesis
@@ -82,11 +82,10 @@ def synthesize(
         hp = m.hyperparameters(hyperparameters)
     except KeyError as e:
         raise ZkdError(f"unknown hyper-parameter {e.args[0]!r}; valid: {', '.join(sorted(COMMON_DEFAULTS))}") from None
-    _validate(hp, num_images, batch_size)
+    cfg = SynthesisConfig(method, num_images, batch_size, seed, targets, hp, precision)  # validates, one line
     dev = resolve_device(device)
     t = _on_device(teacher, dev) if isinstance(teacher, Teacher) else load_teacher(teacher, device=dev)
     check_teacher_input(t.model, t.spec, multires=bool(hp["multires_iterations"]))  # before any output exists
-    cfg = SynthesisConfig(method, num_images, batch_size, seed, targets, hp, precision)
     return run_synthesis(out, t, m, cfg, dev, student=student, resume=resume, overwrite=overwrite,
                          progress=progress, log=log)
 
@@ -98,20 +97,3 @@ def _on_device(teacher: Teacher, dev: torch.device) -> Teacher:
     if all(p.device == dev or (p.device.type == dev.type and dev.index is None) for p in tensors):
         return teacher
     return dataclasses.replace(teacher, model=copy.deepcopy(teacher.model).to(dev))
-
-
-def _validate(hp: dict[str, Any], num_images: int, batch_size: int) -> None:
-    check_finite({f"--{k.replace('_', '-')}": v for k, v in hp.items()})
-    checks = [
-        (num_images >= 1, f"--num-images must be at least 1, got {num_images}"),
-        (batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}"),
-        (hp["iterations"] >= 0, f"--iterations must be >= 0, got {hp['iterations']}"),
-        (hp["lr"] > 0, f"--lr must be positive, got {hp['lr']}"),
-        (hp["multires_iterations"] >= 0, "--multires-iterations must be >= 0"),
-        (hp["adi_js"] in ("textbook", "deepinversion"), f"adi_js must be textbook or deepinversion, got {hp['adi_js']!r}"),
-        (hp["jitter"] is None or hp["jitter"] >= 0, "--jitter must be >= 0"),
-        (len(tuple(hp["betas"])) == 2 and all(0 <= b < 1 for b in hp["betas"]), "--betas needs two values in [0, 1)"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise ZkdError(msg)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..version import __version__
 from ..bn import BNStatsHook, bns_kl_loss, require_bn
+from ..config import Config, require
 from ..errors import ZkdError
 from ..io import atomic_write_json
 from ..preview import write_preview
@@ -33,6 +34,7 @@ from ..runtime import (autocast, barrier, batch_generator, deterministic_kernels
 from ..shards import FORMAT, FORMAT_VERSION, MANIFEST, shard_name, write_manifest, write_shard
 from ..spec import InputSpec
 from ..teachers import Teacher, load_teacher
+from ..validate import check_finite
 from .adi import competition_loss
 from .base import Method
 from .priors import PRIORS, image_priors, jitter_flip
@@ -44,8 +46,15 @@ PREVIEW = "preview.png"
 
 
 @dataclass
-class SynthesisConfig:
-    """Everything that determines the output bytes (plus ``precision``, which may change them on GPUs)."""
+class SynthesisConfig(Config):
+    """Everything that determines the output bytes (plus ``precision``, which may change them on GPUs).
+
+    Validated on construction (one-line ZkdError naming the option), recorded in the manifest (``config``) and
+    read back by :meth:`from_dict` (resume compares it). ``hyperparameters`` is the method's full set
+    (:meth:`~zeroshot_kd.synthesis.base.Method.hyperparameters`); the values present are checked.
+    """
+
+    config_name: ClassVar[str] = "synthesis"
 
     method: str
     num_images: int
@@ -55,6 +64,25 @@ class SynthesisConfig:
     hyperparameters: dict[str, Any]
     precision: str = "fp32"
 
+    def __post_init__(self) -> None:
+        hp = self.hyperparameters = {k: tuple(v) if isinstance(v, list) else v
+                                     for k, v in dict(self.hyperparameters).items()}
+        check_finite({f"--{k.replace('_', '-')}": v for k, v in hp.items()})
+        require([
+            (self.num_images >= 1, f"--num-images must be at least 1, got {self.num_images}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.precision in ("fp32", "bf16", "fp16"),
+             f"unknown --precision {self.precision!r}; use fp32, bf16 or fp16"),
+            (hp.get("iterations", 0) >= 0, f"--iterations must be >= 0, got {hp.get('iterations')}"),
+            (hp.get("lr", 1) > 0, f"--lr must be positive, got {hp.get('lr')}"),
+            (hp.get("multires_iterations", 0) >= 0, "--multires-iterations must be >= 0"),
+            (hp.get("adi_js", "textbook") in ("textbook", "deepinversion"),
+             f"adi_js must be textbook or deepinversion, got {hp.get('adi_js')!r}"),
+            (hp.get("jitter") is None or hp["jitter"] >= 0, "--jitter must be >= 0"),
+            ("betas" not in hp or (len(tuple(hp["betas"])) == 2 and all(0 <= b < 1 for b in hp["betas"])),
+             "--betas needs two values in [0, 1)"),
+        ])
+
     @property
     def num_batches(self) -> int:
         return math.ceil(self.num_images / self.batch_size)
@@ -63,9 +91,10 @@ class SynthesisConfig:
         return range(b * self.batch_size, min((b + 1) * self.batch_size, self.num_images))
 
     def to_dict(self) -> dict[str, Any]:
-        hp = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hyperparameters.items()}
-        return {"method": self.method, "num_images": self.num_images, "batch_size": self.batch_size,
-                "seed": self.seed, "targets": self.targets, "precision": self.precision, "hyperparameters": hp}
+        """The manifest's ``config`` (this key order, tuples as lists), read back by :meth:`from_dict`."""
+        d = super().to_dict()
+        return {k: d[k] for k in ("method", "num_images", "batch_size", "seed", "targets", "precision",
+                                  "hyperparameters")}
 
 
 @dataclass
