@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from zeroshot_kd import load_teacher
+from zeroshot_kd.data import FASHION_MNIST_SPEC
 from zeroshot_kd.models import cifar_resnet
+from zeroshot_kd.teachers import Teacher, state_sha256
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +28,13 @@ def small_net() -> torch.nn.Module:
             m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
     return net.eval()
+
+
+@pytest.fixture()
+def small_teacher(small_net) -> Teacher:
+    """``small_net`` frozen as a Teacher with the Fashion-MNIST input spec (quantization and export tests)."""
+    small_net.requires_grad_(False)
+    return Teacher(small_net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(small_net))
 
 
 @pytest.fixture()

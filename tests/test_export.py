@@ -24,15 +24,8 @@ from zeroshot_kd.export.runtime import ort_session  # noqa: E402
 from zeroshot_kd.quant.modules import QuantConfig, QuantLinear, quant_layers  # noqa: E402
 from zeroshot_kd.quant.pipeline import CalibrationOptions, calibrate_student  # noqa: E402
 from zeroshot_kd.quant.student import save_student  # noqa: E402
-from zeroshot_kd.teachers import Teacher, state_sha256  # noqa: E402
 
 ARCH = {"builder": "zeroshot_kd.models:cifar_resnet", "kwargs": {"depth": 8, "width": 4}}
-
-
-@pytest.fixture()
-def small_teacher(small_net) -> Teacher:
-    small_net.requires_grad_(False)
-    return Teacher(small_net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(small_net))
 
 
 def student_of(teacher, config):

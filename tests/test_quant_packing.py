@@ -15,7 +15,6 @@ from zeroshot_kd.quant.packing import pack_bits, packed_size, unpack_bits
 from zeroshot_kd.quant.pipeline import CalibrationOptions, calibrate_student
 from zeroshot_kd.quant.size import model_size
 from zeroshot_kd.quant.student import _layer_record, load_student, read_student_file, save_student
-from zeroshot_kd.teachers import Teacher, state_sha256
 
 ARCH = {"builder": "zeroshot_kd.models:cifar_resnet", "kwargs": {"depth": 8, "width": 4}}
 
@@ -53,12 +52,6 @@ def test_pack_known_bytes_and_errors():
         pack_bits(torch.tensor([8]), 3)
     with pytest.raises(ValueError, match="need 2 bytes"):
         unpack_bits(torch.zeros(1, dtype=torch.uint8), 4, 3)
-
-
-@pytest.fixture()
-def small_teacher(small_net) -> Teacher:
-    small_net.requires_grad_(False)
-    return Teacher(small_net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(small_net))
 
 
 def calibrated(teacher, config):

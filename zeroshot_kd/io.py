@@ -46,6 +46,27 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, tmp)
 
 
+def safe_torch_load(path: str | os.PathLike, unreadable: str, missing: str | None = None) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU with one-line errors: the one safe reader of torch files.
+
+    Args:
+        path: the file.
+        unreadable: the message when torch cannot read it (no pickled code is ever run); ``{path}`` and ``{error}``
+            (the exception's type name) are filled in.
+        missing: the message when the file does not exist (``{path}`` filled in); None: ``unreadable``.
+
+    Raises:
+        ZkdError: the file is missing or not a safe torch file.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        msg = missing if missing is not None else unreadable
+        raise ZkdError(msg.format(path=path, error=type(e).__name__)) from None
+    except Exception as e:  # torch raises many types for non-torch / pickled-code payloads
+        raise ZkdError(unreadable.format(path=path, error=type(e).__name__)) from None
+
+
 def load_versioned(path: str | os.PathLike, fmt: str, versions: tuple[int, ...], what: str,
                    fix: str) -> dict[str, Any] | None:
     """Read a versioned zkd torch file safely (``weights_only=True``): the one reader of ``format``/``format_version``.
@@ -63,10 +84,7 @@ def load_versioned(path: str | os.PathLike, fmt: str, versions: tuple[int, ...],
     Raises:
         ZkdError: the file cannot be read as a safe torch file, or its version is not one of ``versions``.
     """
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for non-torch / pickled-code payloads
-        raise ZkdError(f"cannot read {path} ({type(e).__name__}); it is not a zkd {what} or torch file") from None
+    obj = safe_torch_load(path, "cannot read {path} ({error}); it is not a zkd " + what + " or torch file")
     if not isinstance(obj, dict) or obj.get("format") != fmt:
         return None
     if obj.get("format_version") not in versions:

@@ -31,7 +31,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .errors import ZkdError
-from .io import atomic_path, atomic_write_json
+from .io import atomic_write_bytes, atomic_write_json
 from .spec import InputSpec
 
 __all__ = [
@@ -151,11 +151,7 @@ def write_shard(path: str | os.PathLike, keys: Sequence[str], images: torch.Tens
             for ext, payload in (("npy", encode_npy(x)), ("png", encode_png(x, spec)), ("cls", str(int(y)).encode())):
                 tar.addfile(_tarinfo(f"{key}.{ext}", len(payload)), io.BytesIO(payload))
     data = buf.getvalue()
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 

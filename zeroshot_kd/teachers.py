@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import ZkdError
+from .io import safe_torch_load
 from .modelspec import (TORCHVISION_GET_MODEL, ModelRecord, assets_dir, build_model, builtin_teachers,
                         is_module_function, read_card, torchvision_names)
 from .spec import InputSpec
@@ -92,13 +93,9 @@ def state_sha256(model: nn.Module) -> str:
 
 def load_checkpoint_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a state_dict from a checkpoint file, unwrapping the common containers and ``module.`` prefixes."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ZkdError(f"checkpoint {path} does not exist") from None
-    except Exception as e:
-        raise ZkdError(f"cannot read checkpoint {path} with weights_only=True ({type(e).__name__}); save a "
-                       "state_dict with torch.save(model.state_dict(), PATH)") from None
+    obj = safe_torch_load(path, "cannot read checkpoint {path} with weights_only=True ({error}); save a "
+                                "state_dict with torch.save(model.state_dict(), PATH)",
+                          missing="checkpoint {path} does not exist")
     for key in ("model", "state_dict", "model_state_dict", "model_ema"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from .config import Config, option, require
 from .errors import ZkdError
 from .evaluate import evaluate_model
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, safe_torch_load
 from .objectives import ObjectiveRunner, ObjectiveSet, build
 from .runtime import autocast, batch_generator, batch_seed, dist_env, init_process_group
 
@@ -188,12 +188,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     Raises:
         ZkdError: unreadable file, another format, or a newer format version than this zkd knows.
     """
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ZkdError(f"checkpoint {path} does not exist") from None
-    except Exception as e:
-        raise ZkdError(f"cannot read checkpoint {path} ({type(e).__name__}); is it a zkd distill checkpoint?") from None
+    obj = safe_torch_load(path, "cannot read checkpoint {path} ({error}); is it a zkd distill checkpoint?",
+                          missing="checkpoint {path} does not exist")
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
         raise ZkdError(f"{path} is not a zkd distill checkpoint (no 'model' state dict)")
     meta = dict(obj.get("zkd") or {})

@@ -119,6 +119,16 @@ class _QuantMixin:
     aq: FakeQuantizer | None
     weight: nn.Parameter
 
+    def _copy_float(self, float_layer: nn.Module, w_bits: int, a_bits: int | None, w_asym: bool) -> Any:
+        """Take ``float_layer``'s weight and bias, set up the quantizers, and return self on its device (the
+        shared tail of ``from_float``)."""
+        with torch.no_grad():
+            self.weight.copy_(float_layer.weight)
+            if float_layer.bias is not None:
+                self.bias.copy_(float_layer.bias)
+        self._setup_quant(w_bits, a_bits, w_asym)
+        return self.to(float_layer.weight.device)  # type: ignore[attr-defined]
+
     def _setup_quant(self, w_bits: int, a_bits: int | None, w_asym: bool) -> None:
         qmin, qmax = int_range(w_bits, signed=not w_asym)
         self.wq = FakeQuantizer(w_bits, qmin, qmax, symmetric=not w_asym, axis=0, channels=self.weight.shape[0],
@@ -152,12 +162,7 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                 conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device,
                 dtype=conv.weight.dtype)
-        with torch.no_grad():
-            q.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                q.bias.copy_(conv.bias)
-        q._setup_quant(w_bits, a_bits, w_asym)
-        return q.to(conv.weight.device)
+        return q._copy_float(conv, w_bits, a_bits, w_asym)
 
 
 class QuantLinear(_QuantMixin, nn.Linear):
@@ -170,12 +175,7 @@ class QuantLinear(_QuantMixin, nn.Linear):
     def from_float(cls, lin: nn.Linear, w_bits: int, a_bits: int | None, w_asym: bool) -> "QuantLinear":
         q = cls(lin.in_features, lin.out_features, lin.bias is not None, device=lin.weight.device,
                 dtype=lin.weight.dtype)
-        with torch.no_grad():
-            q.weight.copy_(lin.weight)
-            if lin.bias is not None:
-                q.bias.copy_(lin.bias)
-        q._setup_quant(w_bits, a_bits, w_asym)
-        return q.to(lin.weight.device)
+        return q._copy_float(lin, w_bits, a_bits, w_asym)
 
 
 QUANT_TYPES = (QuantConv2d, QuantLinear)
