@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Iterable
 
 import click
 
@@ -19,6 +20,24 @@ Examples:
   zkd similarity --data di=synth/di --save-stats di.json
   zkd similarity --stats di.json --data test=fashion-mnist:test --out sim2
 """
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.+\-]+$")
+
+
+def split_named(entry: str) -> tuple[str | None, str]:
+    """``"NAME=VALUE"`` -> (NAME, VALUE) when NAME is a plain name (letters, digits, ``_.+-``); else (None, entry)."""
+    name, sep, value = entry.partition("=")
+    if sep and name and _NAME_RE.match(name) and value:
+        return name, value
+    return None, entry
+
+
+def iter_named(entries: Iterable[str]) -> Iterable[tuple[str, str]]:
+    """Named entries for ``--data``: a bare SOURCE is named after itself."""
+    for e in entries:
+        name, value = split_named(e)
+        yield (name or value), value
 
 
 def _table(report: dict[str, Any]) -> str:
@@ -70,9 +89,8 @@ def command(data: tuple[str, ...], stats: tuple[str, ...], transforms: tuple[str
             seed: int, quiet: bool, as_json: bool, verify: bool = True, **kw: Any) -> None:
     from zeroshot_kd.errors import ZkdError
     from zeroshot_kd.runtime import resolve_device
-    from zeroshot_kd.similarity import (compute_signature, iter_named, load_signatures, make_similarity_dataset,
-                                        parse_transforms, save_signatures, similarity_report, split_named,
-                                        write_report)
+    from zeroshot_kd.similarity import (compute_signature, load_signatures, make_similarity_dataset,
+                                        parse_transforms, save_signatures, similarity_report, write_report)
     from zeroshot_kd.validate import check_writable
 
     if not data and not stats:
