@@ -52,31 +52,46 @@ from .report import report_chart, report_markdown, similarity_report, write_repo
 from .shift import TRANSFORMS, TransformedDataset, make_similarity_dataset, parse_transforms
 from .signature import (MODES, SIGNATURE_FORMAT, SIGNATURE_VERSION, MomentAccumulator, Signature, check_compatible,
                         compute_signature, load_signatures, save_signatures, teacher_signature)
-from .stats import spearman
+from .predict import (PREDICTOR, SCORE_FORMS, VERDICT_CLOSE, VERDICT_FAR, VERDICTS, predicted_ranks, score_forms,
+                      verdict)
+from .stats import bootstrap_interval, correlation, fisher_z_interval, kendall_tau_b, ranks, spearman
 
 __all__ = [
     "DIVERGENCES",
     "HEADLINE",
     "MODES",
+    "PREDICTOR",
+    "SCORE_FORMS",
     "SIGNATURE_FORMAT",
     "SIGNATURE_VERSION",
     "TRANSFORMS",
+    "VERDICTS",
+    "VERDICT_CLOSE",
+    "VERDICT_FAR",
     "MomentAccumulator",
     "Signature",
     "TransformedDataset",
+    "bootstrap_interval",
     "check_compatible",
     "compute_signature",
+    "correlation",
     "dataset_distance",
     "divergences",
+    "fisher_z_interval",
+    "kendall_tau_b",
     "load_signatures",
     "make_similarity_dataset",
     "parse_transforms",
+    "predicted_ranks",
+    "ranks",
     "report_chart",
     "report_markdown",
     "save_signatures",
+    "score_forms",
     "similarity_matrix",
     "similarity_report",
     "spearman",
     "teacher_signature",
+    "verdict",
     "write_report",
 ]
