@@ -43,13 +43,16 @@ def iter_named(entries: Iterable[str]) -> Iterable[tuple[str, str]]:
 def _table(report: dict[str, Any]) -> str:
     """The ranked scores as an aligned plain-text table (closest first)."""
     h = report["headline"]
-    head = ["rank", "dataset", "images", f"{h} (headline)", "reverse", "symmetric", "l2"]
+    form = report["predictor"]["form"]
+    head = ["rank", "dataset", "images", f"{h} (headline)", "reverse", "symmetric", "l2", "calibration rank",
+            f"verdict ({form})"]
     rows = [[str(e["rank"]), e["name"], str(e["images"])] +
-            [f"{e['scores'][k]:.4g}" for k in (h, "reverse", "symmetric", "l2")] for e in report["datasets"]]
+            [f"{e['scores'][k]:.4g}" for k in (h, "reverse", "symmetric", "l2")] +
+            [str(e["predicted_rank"]), e["verdict"]] for e in report["datasets"]]
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
 
     def fmt(r: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        return "  ".join(c.ljust(w) if i in (1, len(r) - 1) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
 
     return "\n".join([fmt(head)] + [fmt(r) for r in rows])
 
