@@ -124,3 +124,24 @@ def test_verdict_thresholds():
 def test_predicted_ranks_lowest_score_first_ties_share():
     assert predicted_ranks({"noise": 3.0, "real": 0.01, "synth": 0.2, "synth2": 0.2, "bad": float("nan")}) == {
         "real": 1, "synth": 2, "synth2": 2, "noise": 4, "bad": 5}
+
+
+def test_report_carries_predicted_rank_and_verdict():
+    from test_similarity import images, small_teacher
+
+    from zeroshot_kd.similarity import compute_signature, report_markdown, similarity_report, teacher_signature
+
+    teacher = small_teacher()
+    sigs = [compute_signature(teacher, images(24, seed=i, offset=off), name, batch_size=24)
+            for i, (name, off) in enumerate([("a", 3.0), ("b", 0.0), ("c", 1.0)])]
+    report = similarity_report(teacher, sigs)
+    by = {e["name"]: e for e in report["datasets"]}
+    values = {n: by[n]["forms"][PREDICTOR] for n in by}
+    assert sorted(by, key=lambda n: by[n]["predicted_rank"]) == sorted(values, key=values.get)
+    assert sorted(e["predicted_rank"] for e in by.values()) == [1, 2, 3]
+    for n, e in by.items():
+        assert e["verdict"] == verdict(values[n])
+        assert e["forms"] == score_forms(teacher_signature(teacher), next(s for s in sigs if s.name == n))
+    assert report["predictor"]["form"] == PREDICTOR and report["predictor"]["far_from"] == VERDICT_FAR
+    md = report_markdown(report)
+    assert "## As a calibration set" in md and all(e["verdict"] in md for e in by.values())
