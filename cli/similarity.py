@@ -59,7 +59,9 @@ def _table(report: dict[str, Any]) -> str:
 
 @click.command(help="Rank datasets by how close their BatchNorm statistics inside the teacher are to the teacher's "
                "own (running) statistics, i.e. to its unseen training data (The Knowledge Within). Lower is "
-               "closer.\n" + EXAMPLES, context_settings={"show_default": True, "max_content_width": 110})
+               "closer. Each dataset also gets its predicted rank as a calibration set and a verdict (close to the "
+               "training data / usable / far) from the bns divergence of the last third of the layers, the form "
+               "that best predicted low-bit top-1 in bench/results/calibration_quality.md.\n" + EXAMPLES, context_settings={"show_default": True, "max_content_width": 110})
 @teacher_options
 @click.option("--data", "data", multiple=True, metavar="[NAME=]SOURCE",
               help="A dataset to score (repeatable): DIR|shards:DIR|folder:DIR|fashion-mnist:train|test|gaussian:N.")
