@@ -9,6 +9,8 @@ from pathlib import Path
 ORDER = [
     ["bench_synthesis.py"],
     ["bench_similarity.py"],
+    # issue 14: does the similarity score predict calibration quality? (~25 min on one core)
+    ["bench_calibration_quality.py"],
     ["bench_quant.py"],
     # the depthwise teacher: its own 3 x 1024 synthetic sets (about 15 min), PTQ-only extras
     ["bench_quant.py", "--teacher", "fmnist_mobilenetv2", "--name", "quant-mobilenetv2", "--recon-iters", "300",

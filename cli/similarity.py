@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Iterable
 
 import click
 
@@ -21,23 +22,46 @@ Examples:
 """
 
 
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.+\-]+$")
+
+
+def split_named(entry: str) -> tuple[str | None, str]:
+    """``"NAME=VALUE"`` -> (NAME, VALUE) when NAME is a plain name (letters, digits, ``_.+-``); else (None, entry)."""
+    name, sep, value = entry.partition("=")
+    if sep and name and _NAME_RE.match(name) and value:
+        return name, value
+    return None, entry
+
+
+def iter_named(entries: Iterable[str]) -> Iterable[tuple[str, str]]:
+    """Named entries for ``--data``: a bare SOURCE is named after itself."""
+    for e in entries:
+        name, value = split_named(e)
+        yield (name or value), value
+
+
 def _table(report: dict[str, Any]) -> str:
     """The ranked scores as an aligned plain-text table (closest first)."""
     h = report["headline"]
-    head = ["rank", "dataset", "images", f"{h} (headline)", "reverse", "symmetric", "l2"]
+    form = report["predictor"]["form"]
+    head = ["rank", "dataset", "images", f"{h} (headline)", "reverse", "symmetric", "l2", "calibration rank",
+            f"verdict ({form})"]
     rows = [[str(e["rank"]), e["name"], str(e["images"])] +
-            [f"{e['scores'][k]:.4g}" for k in (h, "reverse", "symmetric", "l2")] for e in report["datasets"]]
+            [f"{e['scores'][k]:.4g}" for k in (h, "reverse", "symmetric", "l2")] +
+            [str(e["predicted_rank"]), e["verdict"]] for e in report["datasets"]]
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
 
     def fmt(r: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        return "  ".join(c.ljust(w) if i in (1, len(r) - 1) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
 
     return "\n".join([fmt(head)] + [fmt(r) for r in rows])
 
 
 @click.command(help="Rank datasets by how close their BatchNorm statistics inside the teacher are to the teacher's "
                "own (running) statistics, i.e. to its unseen training data (The Knowledge Within). Lower is "
-               "closer.\n" + EXAMPLES, context_settings={"show_default": True, "max_content_width": 110})
+               "closer. Each dataset also gets its predicted rank as a calibration set and a verdict (close to the "
+               "training data / usable / far) from the bns divergence of the last third of the layers, the form "
+               "that best predicted low-bit top-1 in bench/results/calibration_quality.md.\n" + EXAMPLES, context_settings={"show_default": True, "max_content_width": 110})
 @teacher_options
 @click.option("--data", "data", multiple=True, metavar="[NAME=]SOURCE",
               help="A dataset to score (repeatable): DIR|shards:DIR|folder:DIR|fashion-mnist:train|test|gaussian:N.")
@@ -70,9 +94,8 @@ def command(data: tuple[str, ...], stats: tuple[str, ...], transforms: tuple[str
             seed: int, quiet: bool, as_json: bool, verify: bool = True, **kw: Any) -> None:
     from zeroshot_kd.errors import ZkdError
     from zeroshot_kd.runtime import resolve_device
-    from zeroshot_kd.similarity import (compute_signature, iter_named, load_signatures, make_similarity_dataset,
-                                        parse_transforms, save_signatures, similarity_report, split_named,
-                                        write_report)
+    from zeroshot_kd.similarity import (compute_signature, load_signatures, make_similarity_dataset,
+                                        parse_transforms, save_signatures, similarity_report, write_report)
     from zeroshot_kd.validate import check_writable
 
     if not data and not stats:

@@ -81,7 +81,7 @@ def test_moment_accumulator_equals_one_shot_float64(chunks):
 
 
 def test_moment_accumulator_chunks_inside_a_batch(monkeypatch):
-    import zeroshot_kd.similarity as sim
+    import zeroshot_kd.similarity.signature as sim
 
     monkeypatch.setattr(sim, "_CHUNK_ELEMENTS", 2 * 3 * 4 * 4)  # force 2-image chunks inside one update
     x = torch.randn(9, 3, 4, 4)

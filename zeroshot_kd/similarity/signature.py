@@ -1,89 +1,30 @@
-"""Dataset similarity from a frozen teacher's BatchNorm statistics (The Knowledge Within, Haroush et al. 2020).
+"""Signatures: per-channel Gaussians of a dataset at every BN layer's input, how they are accumulated, and their file.
 
-A trained teacher's BatchNorm layers hold the per-channel mean and variance of its training data at every
-layer. Streaming another dataset through the same (frozen) teacher and measuring the same statistics gives a
-**signature**: one Gaussian per channel per BN layer. Comparing signatures measures how close datasets are to
-the unseen training data, and to each other, without touching the training data.
-
-Statistics (conventions of :mod:`zeroshot_kd.bn`):
-
-* taken at the **input** of every BatchNorm layer that tracks running statistics, per channel, pooled over
-  images and spatial positions;
-* ``exact`` mode (default): the mean and the biased variance over the *whole* dataset, accumulated in float64
-  with Chan et al.'s parallel merge of (count, mean, M2), so the result does not depend on the batch size;
-* ``per-batch`` mode: the average over batches of each batch's mean and biased variance, i.e. what the BNS
-  loss sees during synthesis. Every full batch has the same weight; a last, partial batch is dropped when
-  there is at least one full batch. The average batch variance is smaller than the dataset variance by the
-  spread of the batch means, so the two modes are not interchangeable;
-* the teacher's ``running_var`` was accumulated with the *unbiased* estimator; it is used as stored (the
-  factor N/(N-1) is negligible at N*H*W in the thousands), and every variance gets the layer's ``eps`` added
-  before a log or a division, as BatchNorm itself does.
-
-Divergences of a dataset D from the teacher T, per layer (mean over the layer's channels), then averaged
-over layers for the overall score:
-
-============  ===========================================================================================
-``bns``       **headline**: KL(N(mu_T, var_T) || N(mu_D, var_D)), the BNS form of The Knowledge Within
-``reverse``   KL(N(mu_D, var_D) || N(mu_T, var_T))
-``symmetric`` (bns + reverse) / 2
-``l2``        DeepInversion's R_feature term: ||mu_D - mu_T||_2 + ||var_D - var_T||_2 over the layer's
-              channels (first-layer multiplier 1, no eps)
-============  ===========================================================================================
-
-Dataset to dataset: the ``symmetric`` divergence between two signatures (mean over channels, then layers).
-
-Signatures are saved as JSON or ``.pt`` together with the teacher's weights sha256
-(:attr:`~zeroshot_kd.teachers.Teacher.weights_sha256`); loading them for another teacher is refused.
+The statistics conventions are in the package docstring (:mod:`zeroshot_kd.similarity`). The file format
+(``zkd-bn-signature`` v1, JSON or ``.pt``) is owned here: :func:`save_signatures` writes it,
+:func:`load_signatures` reads it (``.pt`` through :func:`zeroshot_kd.io.load_versioned`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .bn import bn_layers, gaussian_kl
-from .capture import Capture
-from .errors import ZkdError
-from .io import atomic_torch_save, atomic_write_bytes, atomic_write_json, load_versioned
-from .spec import InputSpec
-from .teachers import Teacher
+from ..bn import bn_layers
+from ..capture import Capture
+from ..errors import ZkdError
+from ..io import atomic_torch_save, atomic_write_json, load_versioned
+from ..teachers import Teacher
 
-__all__ = [
-    "DIVERGENCES",
-    "HEADLINE",
-    "TRANSFORMS",
-    "MomentAccumulator",
-    "Signature",
-    "TransformedDataset",
-    "compute_signature",
-    "dataset_distance",
-    "divergences",
-    "load_signatures",
-    "make_similarity_dataset",
-    "parse_transforms",
-    "save_signatures",
-    "similarity_matrix",
-    "similarity_report",
-    "spearman",
-    "teacher_signature",
-    "write_report",
-]
+__all__ = ["MODES", "SIGNATURE_FORMAT", "SIGNATURE_VERSION", "MomentAccumulator", "Signature", "check_compatible",
+           "compute_signature", "load_signatures", "save_signatures", "teacher_signature"]
 
-HEADLINE = "bns"
-DIVERGENCES: dict[str, str] = {
-    "bns": "KL(N(mu_teacher, var_teacher) || N(mu_data, var_data)), mean over channels (The Knowledge Within)",
-    "reverse": "KL(N(mu_data, var_data) || N(mu_teacher, var_teacher)), mean over channels",
-    "symmetric": "(bns + reverse) / 2, mean over channels",
-    "l2": "||mu_data - mu_teacher||_2 + ||var_data - var_teacher||_2 over channels (DeepInversion R_feature)",
-}
 SIGNATURE_FORMAT = "zkd-bn-signature"
 SIGNATURE_VERSION = 1
 MODES = ("exact", "per-batch")
@@ -366,55 +307,6 @@ def check_compatible(a: Signature, b: Signature) -> None:
                        "the same --teacher")
 
 
-def _layer_terms(ref: Signature, data: Signature, i: int) -> dict[str, float]:
-    eps = ref.eps[i]
-    mu_t, var_t, mu_d, var_d = ref.mean[i], ref.var[i], data.mean[i], data.var[i]
-    fwd = gaussian_kl(mu_t, var_t + eps, mu_d, var_d + eps).mean().item()
-    rev = gaussian_kl(mu_d, var_d + eps, mu_t, var_t + eps).mean().item()
-    l2 = (torch.linalg.vector_norm(mu_d - mu_t) + torch.linalg.vector_norm(var_d - var_t)).item()
-    return {"bns": fwd, "reverse": rev, "symmetric": 0.5 * (fwd + rev), "l2": l2}
-
-
-def divergences(ref: Signature, data: Signature) -> dict[str, Any]:
-    """Every divergence of :data:`DIVERGENCES` from ``ref`` (usually the teacher) to ``data``.
-
-    Returns:
-        ``{"scores": {kind: mean over layers}, "per_layer": {kind: [one value per layer]}}``.
-    """
-    check_compatible(ref, data)
-    per_layer: dict[str, list[float]] = {k: [] for k in DIVERGENCES}
-    for i in range(len(ref.layers)):
-        for k, v in _layer_terms(ref, data, i).items():
-            per_layer[k].append(v)
-    scores = {k: sum(v) / len(v) for k, v in per_layer.items()}
-    return {"scores": scores, "per_layer": per_layer}
-
-
-def dataset_distance(a: Signature, b: Signature) -> float:
-    """Symmetric KL between two signatures: mean over channels, then over layers (0 iff they are equal)."""
-    check_compatible(a, b)
-    total = 0.0
-    for i in range(len(a.layers)):
-        eps = a.eps[i]
-        va, vb = a.var[i] + eps, b.var[i] + eps
-        kl = gaussian_kl(a.mean[i], va, b.mean[i], vb) + gaussian_kl(b.mean[i], vb, a.mean[i], va)
-        total += 0.5 * kl.mean().item()
-    return total / len(a.layers)
-
-
-def similarity_matrix(signatures: Sequence[Signature]) -> list[list[float]]:
-    """Pairwise :func:`dataset_distance` of the signatures (symmetric, zero diagonal)."""
-    n = len(signatures)
-    out = [[0.0] * n for _ in range(n)]
-    for i in range(n):
-        for j in range(i + 1, n):
-            out[i][j] = out[j][i] = dataset_distance(signatures[i], signatures[j])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- saving, loading
-
-
 def save_signatures(path: str | os.PathLike, signatures: Sequence[Signature]) -> None:
     """Write signatures (all from one teacher) to ``.json`` or ``.pt``/``.pth``, atomically.
 
@@ -480,223 +372,3 @@ def load_signatures(path: str | os.PathLike, teacher: Teacher | None = None) -> 
         for s in sigs:
             check_compatible(ref, s)
     return sigs
-
-
-# ---------------------------------------------------------------------------------------------- shifted data
-
-
-def _invert(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
-    return spec.normalize(1 - spec.denormalize(x.unsqueeze(0)))[0]
-
-
-TRANSFORMS: dict[str, Callable[[torch.Tensor, InputSpec], torch.Tensor]] = {
-    "invert": _invert,  # negative image: pixel p -> 1 - p
-    "rot90": lambda x, spec: torch.rot90(x, 1, (-2, -1)),
-    "rot180": lambda x, spec: torch.rot90(x, 2, (-2, -1)),
-    "rot270": lambda x, spec: torch.rot90(x, 3, (-2, -1)),
-    "hflip": lambda x, spec: x.flip(-1),
-    "vflip": lambda x, spec: x.flip(-2),
-}
-
-
-def parse_transforms(text: str) -> list[str]:
-    """``"rot90,invert"`` -> ``["rot90", "invert"]`` (applied left to right); unknown names raise ZkdError."""
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    if not names:
-        raise ZkdError(f"empty transform {text!r}; use one or more of {', '.join(TRANSFORMS)} separated by commas")
-    for t in names:
-        if t not in TRANSFORMS:
-            raise ZkdError(f"unknown transform {t!r}; use one or more of {', '.join(TRANSFORMS)} separated by commas")
-    return names
-
-
-class TransformedDataset(Dataset):
-    """A dataset with pixel-space shifts applied to each image (to build deliberately shifted real data).
-
-    Args:
-        base: yields ``(normalized image, label)``.
-        transforms: names from :data:`TRANSFORMS`, applied left to right.
-        spec: the input spec the images are normalized for (``invert`` works on [0, 1] pixels).
-    """
-
-    def __init__(self, base: Dataset, transforms: Sequence[str], spec: InputSpec) -> None:
-        self.base, self.transforms, self.spec = base, list(transforms), spec
-        for t in self.transforms:
-            if t not in TRANSFORMS:
-                raise ZkdError(f"unknown transform {t!r}; use one of {', '.join(TRANSFORMS)}")
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x, y = self.base[i]
-        for t in self.transforms:
-            x = TRANSFORMS[t](x, self.spec)
-        return x, y
-
-
-def make_similarity_dataset(source: str, spec: InputSpec, num_images: int | None = None,
-                            transforms: Sequence[str] = (), seed: int = 0, verify: bool = True) -> Dataset:
-    """:func:`zeroshot_kd.data.make_dataset` plus optional pixel-space shifts (see :data:`TRANSFORMS`)."""
-    from .data import make_dataset
-
-    ds = make_dataset(source, spec, num_images=num_images, seed=seed, verify=verify)
-    if not transforms:
-        return ds
-    shifted = TransformedDataset(ds, transforms, spec)
-    shifted.zkd_subset = getattr(ds, "zkd_subset", None)  # type: ignore[attr-defined]
-    return shifted
-
-
-# ---------------------------------------------------------------------------------------------- reports
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rank correlation (ties get average ranks); NaN when either side is constant or n < 2."""
-    if len(x) != len(y):
-        raise ValueError("spearman needs sequences of equal length")
-
-    def ranks(v: Sequence[float]) -> list[float]:
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2 + 1
-            i = j + 1
-        return r
-
-    if len(x) < 2:
-        return float("nan")
-    rx, ry = ranks(x), ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    sxx = sum((a - mx) ** 2 for a in rx)
-    syy = sum((b - my) ** 2 for b in ry)
-    if sxx == 0 or syy == 0:
-        return float("nan")
-    return sxy / math.sqrt(sxx * syy)
-
-
-def similarity_report(teacher: Teacher, signatures: Sequence[Signature]) -> dict[str, Any]:
-    """Scores of every signature against the teacher, ranked (closest first), and the pairwise matrix.
-
-    Returns:
-        A JSON-ready dict: ``teacher``, ``headline``, ``divergences`` (definitions), ``layers``, ``datasets``
-        (ranked, each with ``scores`` and ``per_layer``) and ``matrix`` (``names`` incl. the teacher's running
-        statistics first, ``values`` = symmetric KL).
-    """
-    if not signatures:
-        raise ZkdError("nothing to compare; pass at least one --data NAME=SOURCE or --stats FILE")
-    names = [s.name for s in signatures]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ZkdError(f"dataset name(s) {', '.join(dup)} used more than once; give each --data/--stats a unique NAME=")
-    ref = teacher_signature(teacher)
-    entries = []
-    for s in signatures:
-        if s.teacher_sha256 != ref.teacher_sha256:
-            raise ZkdError(f"signature {s.name!r} ({s.source}) was computed with another teacher (weights sha256 "
-                           f"{s.teacher_sha256[:12]}... vs {ref.teacher_sha256[:12]}...); recompute it with this "
-                           "teacher")
-        d = divergences(ref, s)
-        entries.append({"name": s.name, "source": s.source, "mode": s.mode, "images": s.count,
-                        "batch_size": s.batch_size, "scores": d["scores"], "per_layer": d["per_layer"]})
-    entries.sort(key=lambda e: e["scores"][HEADLINE])
-    for rank, e in enumerate(entries, 1):
-        e["rank"] = rank
-    all_sigs = [ref] + list(signatures)
-    return {
-        "teacher": teacher.to_dict(),
-        "headline": HEADLINE,
-        "divergences": DIVERGENCES,
-        "layers": ref.layers,
-        "datasets": entries,
-        "matrix": {"names": ["teacher (running)"] + names, "metric": "symmetric",
-                   "values": similarity_matrix(all_sigs)},
-    }
-
-
-def report_markdown(report: Mapping[str, Any]) -> str:
-    """The report as Markdown: ranked scores, the per-layer headline profile, the dataset matrix."""
-    from .charts import markdown_table
-
-    teacher = report["teacher"]
-    h = report["headline"]
-    lines = [
-        "# Dataset similarity to the teacher's training data",
-        "",
-        f"Teacher: `{teacher.get('spec', '?')}` (weights sha256 `{str(teacher.get('weights_sha256', ''))[:16]}...`). "
-        f"Statistics at the input of {len(report['layers'])} BatchNorm layers. Lower is closer; ranked by "
-        f"**{h}** = {DIVERGENCES[h]}, averaged over layers.",
-        "",
-        markdown_table(
-            ["rank", "dataset", "source", "images", "mode", "bns (headline)", "reverse", "symmetric", "l2"],
-            [[e["rank"], e["name"], e["source"], e["images"], e["mode"], e["scores"]["bns"], e["scores"]["reverse"],
-              e["scores"]["symmetric"], e["scores"]["l2"]] for e in report["datasets"]],
-            align="rllrlrrrr"),
-        "",
-        f"## Per-layer {h} divergence",
-        "",
-        markdown_table(["layer"] + [e["name"] for e in report["datasets"]],
-                       [[layer] + [e["per_layer"][h][i] for e in report["datasets"]]
-                        for i, layer in enumerate(report["layers"])]),
-        "",
-        "## Dataset to dataset (symmetric KL, mean over channels and layers)",
-        "",
-        markdown_table([""] + report["matrix"]["names"],
-                       [[n] + row for n, row in zip(report["matrix"]["names"], report["matrix"]["values"])]),
-        "",
-        "Divergences: " + "; ".join(f"`{k}`: {v}" for k, v in DIVERGENCES.items()) + ".",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def report_chart(report: Mapping[str, Any], kind: str | None = None):
-    """Per-layer divergence profile, one line per dataset (log scale), as a Pillow image."""
-    from .charts import line_chart
-
-    kind = kind or report["headline"]
-    series = {f"{e['name']} ({e['scores'][kind]:.3g})": e["per_layer"][kind] for e in report["datasets"]}
-    img, _ = line_chart(series, report["layers"], title=f"Per-layer {kind} divergence to the teacher's BN statistics",
-                        y_label=f"{kind} (nats, mean over channels)" if kind != "l2" else "l2",
-                        x_label="BatchNorm layer (input), in depth order", log_y=True)
-    return img
-
-
-def write_report(report: Mapping[str, Any], out: str | os.PathLike) -> dict[str, Path]:
-    """Write ``similarity.json``, ``similarity.md`` and ``similarity.png`` into ``out`` (created if needed)."""
-    from .charts import save_png
-
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ZkdError(f"cannot create output folder {out} ({e.strerror}); pass a writable --out") from None
-    paths = {"json": out / "similarity.json", "markdown": out / "similarity.md", "chart": out / "similarity.png"}
-    atomic_write_json(paths["json"], report)
-    atomic_write_bytes(paths["markdown"], report_markdown(report).encode())
-    save_png(report_chart(report), paths["chart"])
-    return paths
-
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.+\-]+$")
-
-
-def split_named(entry: str) -> tuple[str | None, str]:
-    """``"NAME=VALUE"`` -> (NAME, VALUE) when NAME is a plain name (letters, digits, ``_.+-``); else (None, entry)."""
-    name, sep, value = entry.partition("=")
-    if sep and name and _NAME_RE.match(name) and value:
-        return name, value
-    return None, entry
-
-
-def iter_named(entries: Iterable[str]) -> Iterable[tuple[str, str]]:
-    """Named entries for ``--data``: a bare SOURCE is named after itself."""
-    for e in entries:
-        name, value = split_named(e)
-        yield (name or value), value

@@ -1,0 +1,147 @@
+"""Rank correlations (hand-computed, ties included), score forms (closed form), verdicts and predicted ranks."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+import torch
+
+from zeroshot_kd.similarity import (PREDICTOR, SCORE_FORMS, VERDICT_CLOSE, VERDICT_FAR, VERDICTS, Signature,
+                                    bootstrap_interval, correlation, fisher_z_interval, kendall_tau_b,
+                                    predicted_ranks, ranks, score_forms, spearman, verdict)
+
+Z95 = 1.959963984540054  # standard normal 97.5% quantile
+
+
+def test_ranks_average_ties():
+    assert ranks([5, 1, 5, 3, 5]) == [4.0, 1.0, 4.0, 2.0, 4.0]
+
+
+def test_spearman_and_kendall_with_ties_in_one_side():
+    # x ranks [1, 2.5, 2.5, 4], y ranks [1, 3, 2, 4]: sxy = 4.5, sxx = 4.5, syy = 5 -> 3 / sqrt(10).
+    # Pairs: 5 concordant, 0 discordant, one tied in x: tau-b = 5 / sqrt((6 - 1) * 6).
+    x, y = [1, 2, 2, 3], [1, 3, 2, 4]
+    assert spearman(x, y) == pytest.approx(3 / math.sqrt(10), abs=1e-12)
+    assert kendall_tau_b(x, y) == pytest.approx(5 / math.sqrt(30), abs=1e-12)
+
+
+def test_spearman_and_kendall_with_ties_in_both_sides_and_a_discordant_pair():
+    # x ranks [1, 2, 3.5, 3.5, 5], y ranks [2, 1, 4, 4, 4]: sxy = 7, sxx = 9.5, syy = 8 -> 7 / sqrt(76).
+    # Pairs: 6 concordant, 1 discordant (0, 1), 1 tied in x, 3 tied in y: tau-b = 5 / sqrt(9 * 7).
+    x, y = [1, 2, 3, 3, 4], [2, 1, 3, 3, 3]
+    assert spearman(x, y) == pytest.approx(7 / math.sqrt(76), abs=1e-12)
+    assert kendall_tau_b(x, y) == pytest.approx(5 / math.sqrt(63), abs=1e-12)
+    assert kendall_tau_b(y, x) == pytest.approx(kendall_tau_b(x, y), abs=1e-15)
+
+
+def test_kendall_equals_inversion_count_formula_without_ties():
+    rng = random.Random(3)
+    perm = list(range(12))
+    rng.shuffle(perm)
+    inversions = sum(1 for i, j in itertools.combinations(range(12), 2) if perm[i] > perm[j])
+    assert kendall_tau_b(list(range(12)), perm) == pytest.approx(1 - 4 * inversions / (12 * 11), abs=1e-12)
+
+
+def test_constant_side_is_nan():
+    assert math.isnan(kendall_tau_b([1, 1, 1], [1, 2, 3]))
+    assert math.isnan(spearman([1, 2, 3], [4, 4, 4]))
+
+
+def test_fisher_interval_closed_form():
+    lo, hi = fisher_z_interval(0.5, 10, "spearman")
+    se = math.sqrt(1.06 / 7)
+    assert lo == pytest.approx(math.tanh(math.atanh(0.5) - Z95 * se), abs=1e-9)
+    assert hi == pytest.approx(math.tanh(math.atanh(0.5) + Z95 * se), abs=1e-9)
+    lo, hi = fisher_z_interval(-0.3, 14, "kendall")
+    se = math.sqrt(0.437 / 10)
+    assert (lo, hi) == pytest.approx((math.tanh(math.atanh(-0.3) - Z95 * se), math.tanh(math.atanh(-0.3) + Z95 * se)))
+    assert all(math.isnan(v) for v in fisher_z_interval(0.5, 3, "spearman"))
+
+
+def test_bootstrap_interval_monotone_data_is_one_and_seeded():
+    x = [1.0, 2, 3, 4, 5, 6, 7, 8]
+    y = [v ** 3 for v in x]
+    assert bootstrap_interval(x, y, "spearman", resamples=300) == (1.0, 1.0)
+    assert bootstrap_interval(x, [-v for v in y], "kendall", resamples=300) == (-1.0, -1.0)
+    noisy = [3, 1, 4, 1, 5, 9, 2, 6]
+    a = bootstrap_interval(x, noisy, resamples=500, seed=1)
+    assert a == bootstrap_interval(x, noisy, resamples=500, seed=1)
+    r = spearman(x, noisy)
+    assert a[0] < r < a[1]
+
+
+def test_correlation_record():
+    c = correlation([1, 2, 3, 3, 4], [2, 1, 3, 3, 3], resamples=200)
+    assert c["n"] == 5
+    assert c["spearman"] == pytest.approx(7 / math.sqrt(76))
+    assert c["kendall"] == pytest.approx(5 / math.sqrt(63))
+    assert c["kendall_fisher"] == list(fisher_z_interval(c["kendall"], 5, "kendall"))
+    lo, hi = c["spearman_bootstrap"]
+    assert -1 <= lo <= hi <= 1
+
+
+def _sig(name, means, variances, sha="t"):
+    return Signature(name, [f"bn{i}" for i in range(len(means))], [torch.tensor(m, dtype=torch.float64) for m in means],
+                     [torch.tensor(v, dtype=torch.float64) for v in variances], [0.0] * len(means), sha)
+
+
+def kl(mp, vp, mq, vq):
+    return 0.5 * math.log(vq / vp) + (vp + (mp - mq) ** 2) / (2 * vq) - 0.5
+
+
+def test_score_forms_closed_form():
+    # three layers, channel counts 1, 2, 1; teacher N(0, 1) everywhere.
+    ref = _sig("teacher", [[0.0], [0.0, 0.0], [0.0]], [[1.0], [1.0, 1.0], [1.0]])
+    data = _sig("d", [[1.0], [0.0, 2.0], [0.0]], [[1.0], [4.0, 1.0], [0.25]])
+    f = [kl(0, 1, 1, 1), (kl(0, 1, 0, 4) + kl(0, 1, 2, 1)) / 2, kl(0, 1, 0, 0.25)]
+    r = [kl(1, 1, 0, 1), (kl(0, 4, 0, 1) + kl(2, 1, 0, 1)) / 2, kl(0, 0.25, 0, 1)]
+    s = score_forms(ref, data)
+    assert set(s) == set(SCORE_FORMS)
+    assert s["bns"] == pytest.approx(sum(f) / 3)
+    assert s["reverse"] == pytest.approx(sum(r) / 3)
+    assert s["symmetric"] == pytest.approx((sum(f) + sum(r)) / 6)
+    assert s["l2"] == pytest.approx((1 + 0) / 3 + (2 + 3) / 3 + (0 + 0.75) / 3)
+    assert s["bns-channels"] == pytest.approx((f[0] + 2 * f[1] + f[2]) / 4)
+    assert s["bns-depth"] == pytest.approx((f[0] + 2 * f[1] + 3 * f[2]) / 6)
+    assert s["bns-first"] == pytest.approx(f[0])  # ceil(3 / 3) = 1 layer
+    assert s["bns-last"] == pytest.approx(f[2])
+    assert s["bns-max"] == pytest.approx(max(f))
+    assert s["symmetric-max"] == pytest.approx(max((a + b) / 2 for a, b in zip(f, r)))
+
+
+def test_verdict_thresholds():
+    assert PREDICTOR in SCORE_FORMS
+    assert 0 < VERDICT_CLOSE < VERDICT_FAR
+    assert verdict(0.0) == verdict(VERDICT_CLOSE * 0.999) == VERDICTS[0]
+    assert verdict(VERDICT_CLOSE) == verdict(VERDICT_FAR * 0.999) == VERDICTS[1]
+    assert verdict(VERDICT_FAR) == verdict(1e9) == verdict(float("inf")) == verdict(float("nan")) == VERDICTS[2]
+    assert verdict(0.5, close=0.1, far=0.4) == "far" and verdict(0.05, close=0.1, far=0.4) == VERDICTS[0]
+
+
+def test_predicted_ranks_lowest_score_first_ties_share():
+    assert predicted_ranks({"noise": 3.0, "real": 0.01, "synth": 0.2, "synth2": 0.2, "bad": float("nan")}) == {
+        "real": 1, "synth": 2, "synth2": 2, "noise": 4, "bad": 5}
+
+
+def test_report_carries_predicted_rank_and_verdict():
+    from test_similarity import images, small_teacher
+
+    from zeroshot_kd.similarity import compute_signature, report_markdown, similarity_report, teacher_signature
+
+    teacher = small_teacher()
+    sigs = [compute_signature(teacher, images(24, seed=i, offset=off), name, batch_size=24)
+            for i, (name, off) in enumerate([("a", 3.0), ("b", 0.0), ("c", 1.0)])]
+    report = similarity_report(teacher, sigs)
+    by = {e["name"]: e for e in report["datasets"]}
+    values = {n: by[n]["forms"][PREDICTOR] for n in by}
+    assert sorted(by, key=lambda n: by[n]["predicted_rank"]) == sorted(values, key=values.get)
+    assert sorted(e["predicted_rank"] for e in by.values()) == [1, 2, 3]
+    for n, e in by.items():
+        assert e["verdict"] == verdict(values[n])
+        assert e["forms"] == score_forms(teacher_signature(teacher), next(s for s in sigs if s.name == n))
+    assert report["predictor"]["form"] == PREDICTOR and report["predictor"]["far_from"] == VERDICT_FAR
+    md = report_markdown(report)
+    assert "## As a calibration set" in md and all(e["verdict"] in md for e in by.values())
