@@ -15,7 +15,9 @@ Accuracy is top-1 (percent) on the first ``EVAL_IMAGES`` real test images. The b
 20 minutes on one CPU core; the full-size run (``ZKD_BENCH_FULL=1``) uses 10000 test images, 5000 real images,
 1024 synthetic images and 10x the steps.
 
-Environment knobs: ZKD_BENCH_SECTIONS (takd,mixup,noskip), ZKD_BENCH_THREADS (default 1), ZKD_BENCH_FULL.
+Environment knobs: ZKD_BENCH_SECTIONS (takd,mixup,noskip), ZKD_BENCH_THREADS (default 1), ZKD_BENCH_FULL; for a
+longer TAKD check ZKD_BENCH_TAKD_STEPS, ZKD_BENCH_SEEDS (0,1,2), ZKD_BENCH_TAKD_DATA (real,synthetic),
+ZKD_BENCH_TAKD_CHAINS (3: direct, 1 and 2 assistants), ZKD_BENCH_NAME (result file name).
 """
 
 from __future__ import annotations
@@ -43,14 +45,16 @@ from zeroshot_kd.training import TrainConfig  # noqa: E402
 FULL = os.environ.get("ZKD_BENCH_FULL") == "1"
 SCALE = 10 if FULL else 1
 EVAL_IMAGES = 10000 if FULL else 1000
-STEPS = 30 * SCALE
+STEPS = int(os.environ.get("ZKD_BENCH_TAKD_STEPS", 60 * SCALE))
 TAKD_REAL = 5000 if FULL else 512
 TAKD_SYN = 1024 if FULL else 128
 SYN_ITERS = 200 if FULL else 100
 STUDENT = "cifar-resnet:8x4"
 CHAINS = [("direct", []), ("1 assistant (14x8)", ["cifar-resnet:14x8"]),
           ("2 assistants (14x8, 8x8)", ["cifar-resnet:14x8", "cifar-resnet:8x8"])]
-SEEDS = [0, 1, 2]
+SEEDS = [int(v) for v in os.environ.get("ZKD_BENCH_SEEDS", "0,1,2").split(",")]
+TAKD_DATA = os.environ.get("ZKD_BENCH_TAKD_DATA", "real,synthetic").split(",")
+TAKD_CHAINS = int(os.environ.get("ZKD_BENCH_TAKD_CHAINS", 3))
 MIX_N = [500, 2000]
 MIX_QUERIES = 600 * SCALE
 MIX_ROUNDS = 3
@@ -82,10 +86,12 @@ def synthetic_shards() -> Path:
 
 def takd(teacher, test, device, work: Path) -> str:
     rows = []
-    sources = [("real", f"fashion-mnist:train", TAKD_REAL), ("synthetic", f"shards:{synthetic_shards()}", None)]
-    for data_name, source, n in sources:
+    sources = [("real", "fashion-mnist:train", TAKD_REAL), ("synthetic", "shards:", None)]
+    for data_name, source, n in [s for s in sources if s[0] in TAKD_DATA]:
+        if source == "shards:":
+            source += str(synthetic_shards())
         data = make_dataset(source, teacher.spec, n, seed=0)
-        for name, assistants in CHAINS:
+        for name, assistants in CHAINS[:TAKD_CHAINS]:
             accs, stage_accs = [], []
             for seed in SEEDS:
                 t0 = time.time()
@@ -184,7 +190,8 @@ def main() -> None:
     if "noskip" in sections:
         parts.append(noskip(teacher, test, device))
     parts.append(f"\nWall time: {time.time() - t0:.0f} s.\n")
-    write_result("recipes" if sections == ["takd", "mixup", "noskip"] else "recipes-" + "-".join(sections),
+    write_result(os.environ.get("ZKD_BENCH_NAME") or ("recipes" if sections == ["takd", "mixup", "noskip"]
+                                                      else "recipes-" + "-".join(sections)),
                  "\n".join(parts))
 
 
