@@ -24,7 +24,6 @@ Mixing is done on normalized tensors, which is the same as mixing pixels (normal
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
