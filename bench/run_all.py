@@ -20,6 +20,8 @@ ORDER = [
     ["bench_lowbit.py"],
     # issue 13: packed student sizes, ONNX QDQ latency and top-1 in ONNX Runtime
     ["bench_export.py"],
+    # issue 12: TAKD chains, Active Mixup with a black-box teacher, no-skip students (about 20 min)
+    ["bench_recipes.py"],
 ]
 
 here = Path(__file__).resolve().parent

@@ -42,7 +42,28 @@ OBJECTIVE_HELP = ("Objective NAME[:key=value,...], repeatable (default: kd); wei
               help="Evaluated before training and after each epoch (accuracy, agreement with the teacher), "
                    "e.g. fashion-mnist:test.")
 @click.option("--eval-images", type=click.IntRange(min=1), default=None, help="Use only the first N eval images.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Student checkpoint to write (.pt).")
+@click.option("--out", required=True, type=click.Path(),
+              help="Student checkpoint to write (.pt); with --assistant, the folder of the chain's stage-K.pt files.")
+@click.option("--assistant", "assistants", multiple=True, metavar="SPEC",
+              help="Teacher-assistant chain (TAKD): train teacher -> each --assistant in order -> student, one stage "
+                   "each with the same objectives and data (ifm only on the last stage); 'wider-of-student' is the "
+                   "student's architecture at twice the width (IFM's auxiliary network). Writes OUT/stage-K.pt "
+                   "(+ .json card, .jsonl metrics) and OUT/chain.json.")
+@click.option("--resume", is_flag=True, default=False,
+              help="With --assistant: skip the stages OUT/chain.json records as finished (their checkpoints are "
+                   "loaded) and restart at the first unfinished one.")
+@click.option("--recipe", type=click.Choice(["distill", "active-mixup"]), default="distill", show_default=True,
+              help="active-mixup: the teacher is a black box answering probabilities only; pre-train on the "
+                   "--num-images originals, then --rounds rounds of the mixup images the student is least sure of, "
+                   "--query-budget mixup queries in all (docs/recipes.md).")
+@click.option("--query-budget", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="active-mixup: teacher queries on mixup images, beyond the originals.")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="active-mixup: selection rounds (each trains --epochs on all images so far).")
+@click.option("--pool-size", type=click.IntRange(min=1), default=None,
+              help="active-mixup: candidate pairs in the mixup pool; default 20 x --num-images.")
+@click.option("--mixup-selection", type=click.Choice(["active", "random"]), default="active", show_default=True,
+              help="active-mixup: least-sure pairs and lam (active) or random ones (the same-queries baseline).")
 @click.option("--metrics", default=None, type=click.Path(dir_okay=False),
               help="JSONL metrics file; default: OUT with suffix .jsonl.")
 @config_options(DistillConfig, ["workers", "freeze_bn"])
@@ -54,8 +75,10 @@ OBJECTIVE_HELP = ("Objective NAME[:key=value,...], repeatable (default: kd); wei
 @handle_errors
 def command(student_spec: str, student_weights: str | None, student_arch: str | None, data: str,
             num_images: int | None, objective_specs: tuple[str, ...], eval_data: str | None,
-            eval_images: int | None, out: str, metrics: str | None, progress: bool,
-            device: str, precision: str, seed: int, as_json: bool, verify: bool = True, **kw: Any) -> None:
+            eval_images: int | None, out: str, assistants: tuple[str, ...], resume: bool, recipe: str,
+            query_budget: int, rounds: int, pool_size: int | None, mixup_selection: str, metrics: str | None,
+            progress: bool, device: str, precision: str, seed: int, as_json: bool, verify: bool = True,
+            **kw: Any) -> None:
     """Options named like DistillConfig fields reach it through ``kw``; the rest are the teacher options."""
     from zeroshot_kd.validate import check_writable
     from zeroshot_kd.data import make_dataset
@@ -67,11 +90,30 @@ def command(student_spec: str, student_weights: str | None, student_arch: str | 
 
     specs = list(objective_specs) or ["kd"]
     build(specs)  # validate names and parameters before loading anything heavy
+    if assistants and recipe != "distill":
+        raise ZkdError("--assistant builds a distillation chain; it does not combine with --recipe active-mixup")
+    if assistants and (student_weights or student_arch):
+        raise ZkdError("--student-weights/--student-arch do not apply to a chain (every stage starts from random "
+                       "init); drop them or drop --assistant")
+    if resume and not assistants:
+        raise ZkdError("--resume restarts a chain at its first unfinished stage; it needs --assistant")
+    if recipe == "active-mixup" and specs != ["kd"]:
+        raise ZkdError("--recipe active-mixup trains with kd on the teacher's answers; drop --objective")
+    if assistants:
+        from zeroshot_kd.recipes.chain import chain_plan
+
+        chain_plan(student_spec, assistants, specs, out)  # resolves wider-of-student: fails before loading
     dev = resolve_device(device)
     out_path = Path(out)
     if not out_path.parent.is_dir():
         raise ZkdError(f"--out {out}: folder {out_path.parent} does not exist")
-    check_writable(out_path, "--out")
+    if assistants:
+        if out_path.exists() and not out_path.is_dir():
+            raise ZkdError(f"--out {out} is a file; with --assistant it is the chain's folder")
+    else:
+        if out_path.is_dir():
+            raise ZkdError(f"--out {out} is a folder; pass the student checkpoint's file name (.pt)")
+        check_writable(out_path, "--out")
     cfg = DistillConfig(**{f.name: kw.pop(f.name) for f in option_fields(DistillConfig)}, seed=seed,
                         precision=precision)
     tk = teacher_kwargs(kw)
@@ -98,10 +140,47 @@ def command(student_spec: str, student_weights: str | None, student_arch: str | 
             parts.append(f"KL {ev['kl']:.4f}")
         echo("  " + ", ".join(parts))
 
-    summary = distill(teacher, student, train, specs, cfg, dev, out=out_path, metrics=metrics_path, eval_data=evald,
-                      student_card=card, progress=progress, on_epoch=report)
-    if not env.is_main:
-        return
-    echo(f"wrote {out_path} (+ {out_path.with_suffix('.json').name}) and {metrics_path}")
-    if as_json:
+    if assistants:
+        from zeroshot_kd.recipes.chain import distill_chain
+
+        def stage_done(stage: Any, summ: dict[str, Any], skipped: bool) -> None:
+            top1 = ((summ.get("final") or {}).get("eval") or {}).get("top1")
+            acc = f", top1 {top1:.2f}%" if top1 is not None else ""
+            echo(f"stage {stage.index}/{len(assistants) + 1} {stage.spec} ({' + '.join(stage.objectives)})"
+                 f"{': finished earlier, loaded' if skipped else ''}{acc} -> {stage.checkpoint}")
+
+        del student
+        summary = distill_chain(teacher, student_spec, assistants, train, specs, cfg, out_path, dev, evald,
+                                resume=resume, progress=progress, on_record=lambda s, rec: report(rec),
+                                on_stage=stage_done)
+        if env.is_main:
+            echo(f"wrote {out_path}/stage-1..{len(assistants) + 1}.pt (+ .json, .jsonl) and chain.json; the student "
+                 f"is {summary['student']}")
+    elif recipe == "active-mixup":
+        from zeroshot_kd.recipes.active_mixup import BlackBoxTeacher, active_mixup, dataset_images, write_card
+
+        images = dataset_images(train)
+        box = BlackBoxTeacher(teacher.model, dev, budget=len(train) + query_budget, batch_size=cfg.eval_batch_size)
+        teacher_info, teacher_spec = teacher.to_dict(), teacher.spec
+        del teacher   # from here on the recipe reaches the teacher only through the black box
+
+        def round_done(rec: dict[str, Any]) -> None:
+            top1 = (rec.get("eval") or {}).get("top1")
+            acc = f", top1 {top1:.2f}%" if top1 is not None else ""
+            echo(f"  round {rec['round']}: {rec['queries']} queries, {rec['train_images']} training images{acc}")
+
+        summary = active_mixup(box, student, images, query_budget, rounds, cfg, device=dev, eval_data=evald,
+                               pool_size=pool_size, selection=mixup_selection, metrics=metrics_path, out=out_path,
+                               checkpoint_meta={"kind": "distilled-student", "teacher": teacher_info.get("spec"),
+                                                "teacher_sha256": teacher_info.get("weights_sha256")},
+                               on_round=round_done, progress=progress)
+        write_card(out_path, card, teacher_info, teacher_spec, cfg, summary)
+        echo(f"wrote {out_path} (+ {out_path.with_suffix('.json').name}) and {metrics_path}; {summary['queries']} "
+             f"teacher queries ({len(train)} originals + {summary['queries'] - len(train)} mixups)")
+    else:
+        summary = distill(teacher, student, train, specs, cfg, dev, out=out_path, metrics=metrics_path,
+                          eval_data=evald, student_card=card, progress=progress, on_epoch=report)
+        if env.is_main:
+            echo(f"wrote {out_path} (+ {out_path.with_suffix('.json').name}) and {metrics_path}")
+    if env.is_main and as_json:
         emit_json(summary)
