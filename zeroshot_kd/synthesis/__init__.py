@@ -95,16 +95,12 @@ def synthesize(
     except KeyError as e:
         raise ZkdError(f"unknown hyper-parameter {e.args[0]!r}; valid: {', '.join(sorted(COMMON_DEFAULTS))}") from None
     _validate(hp, num_images, batch_size)
-    adaptive = AdaptiveConfig(rounds=rounds, distill_steps=distill_steps, objectives=tuple(distill_objectives),
-                              lr=distill_lr, batch_size=distill_batch_size)
+    adaptive = AdaptiveConfig.from_options(rounds, distill_steps, distill_lr, distill_batch_size, distill_objectives)
     if (adaptive.active or rounds > 1) and not m.needs_student:
         raise ZkdError(f"--rounds and --distill-steps only apply to --method adi, not {method}; drop them or use "
                        "--method adi")
-    if adaptive.active:  # before any output exists: the round split and the objective specs
-        from ..objectives import build
-
+    if adaptive.active:  # before any output exists
         adaptive.round_batches(math.ceil(num_images / batch_size))
-        build(list(adaptive.objectives))
     dev = resolve_device(device)
     t = _on_device(teacher, dev) if isinstance(teacher, Teacher) else load_teacher(teacher, device=dev)
     from ..validate import check_teacher_input

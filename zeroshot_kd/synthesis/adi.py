@@ -112,6 +112,20 @@ class AdaptiveConfig:
             if not ok:
                 raise ZkdError(msg)
 
+    @classmethod
+    def from_options(cls, rounds: int = 1, distill_steps: int = 0, distill_lr: float = 0.05,
+                     distill_batch_size: int = 64, distill_objectives: tuple[str, ...] | list[str] = ("kd",)
+                     ) -> "AdaptiveConfig":
+        """From :func:`zeroshot_kd.synthesize`'s (and the CLI's) option names; validates the objective specs too
+        when the loop is on, so bad options fail before anything is loaded or written."""
+        cfg = cls(rounds=rounds, distill_steps=distill_steps, objectives=tuple(distill_objectives), lr=distill_lr,
+                  batch_size=distill_batch_size)
+        if cfg.active:
+            from ..objectives import build
+
+            build(list(cfg.objectives))
+        return cfg
+
     @property
     def active(self) -> bool:
         """True when the student is trained (otherwise this is today's fixed-snapshot adi)."""
