@@ -18,6 +18,8 @@ ORDER = [
     ["bench_lowbit.py"],
     # issue 13: packed student sizes, ONNX QDQ latency and top-1 in ONNX Runtime
     ["bench_export.py"],
+    # issue 12: fixed-snapshot adi vs adaptive adi vs deepinversion at the same compute (about 15 min)
+    ["bench_adi.py"],
 ]
 
 here = Path(__file__).resolve().parent

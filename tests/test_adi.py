@@ -146,3 +146,23 @@ def test_cli_bad_options(tmp_path, args, message):
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and message in lines[0], r.output
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_adaptive_run_writes_the_student(teacher, tmp_path, one_thread):
+    """The CLI and the Python API make the same bytes (shards and student) for the same adaptive options."""
+    import json
+
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(cli, ["synthesize", "--out", str(out), "--method", "adi", "--student", STUDENT,
+                                 "--num-images", "8", "--batch-size", "4", "--iterations", "2", "--device", "cpu",
+                                 "--rounds", "2", "--distill-steps", "2", "--distill-batch-size", "4",
+                                 "--distill-objective", "kd:T=2", "-q", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [rec["images"] for rec in summary["adaptive"]["rounds_log"]] == [4, 8]
+    assert summary["adaptive"]["objectives"] == ["kd:T=2"]
+    synthesize(tmp_path / "api", teacher=teacher, method="adi", student=STUDENT, num_images=8, batch_size=4,
+               iterations=2, device="cpu", progress=False, rounds=2, distill_steps=2, distill_batch_size=4,
+               distill_objectives=["kd:T=2"])
+    for name in ["shard-000000.tar", "shard-000001.tar", "student.pt"]:
+        assert (out / name).read_bytes() == (tmp_path / "api" / name).read_bytes(), name
