@@ -15,7 +15,7 @@ Same total synthesis iterations and the same total KD steps in every row. The sc
 ``EVAL_IMAGES`` real Fashion-MNIST test images (a seeded, class-stratified sample) and its agreement with the
 teacher there, for each seed in ``SEEDS`` (the seed drives the synthesis noise and the student's initialization).
 
-Environment knobs: ZKD_BENCH_ADI_IMAGES (512), ZKD_BENCH_ADI_ITERATIONS (60), ZKD_BENCH_ADI_STEPS (400),
+Environment knobs: ZKD_BENCH_ADI_IMAGES (256), ZKD_BENCH_ADI_ITERATIONS (40), ZKD_BENCH_ADI_STEPS (200),
 ZKD_BENCH_ADI_ROUNDS (4), ZKD_BENCH_ADI_SEEDS (0,1), ZKD_BENCH_EVAL_IMAGES (2000), ZKD_BENCH_THREADS (1).
 Full size (the paper's 2000 iterations per batch): ZKD_BENCH_ADI_ITERATIONS=2000 ZKD_BENCH_ADI_IMAGES=2048
 ZKD_BENCH_ADI_STEPS=2000 on a GPU.
@@ -46,9 +46,9 @@ from zeroshot_kd.shards import ShardDataset  # noqa: E402
 from zeroshot_kd.synthesis.adi import round_tag  # noqa: E402
 from zeroshot_kd.training import TrainConfig, read_checkpoint, train_student  # noqa: E402
 
-IMAGES = int(os.environ.get("ZKD_BENCH_ADI_IMAGES", 512))
-ITERATIONS = int(os.environ.get("ZKD_BENCH_ADI_ITERATIONS", 60))
-STEPS = int(os.environ.get("ZKD_BENCH_ADI_STEPS", 400))
+IMAGES = int(os.environ.get("ZKD_BENCH_ADI_IMAGES", 256))
+ITERATIONS = int(os.environ.get("ZKD_BENCH_ADI_ITERATIONS", 40))
+STEPS = int(os.environ.get("ZKD_BENCH_ADI_STEPS", 200))
 ROUNDS = int(os.environ.get("ZKD_BENCH_ADI_ROUNDS", 4))
 SEEDS = [int(s) for s in os.environ.get("ZKD_BENCH_ADI_SEEDS", "0,1").split(",")]
 EVAL_IMAGES = int(os.environ.get("ZKD_BENCH_EVAL_IMAGES", 2000))
@@ -96,7 +96,7 @@ def main() -> None:
     test = make_dataset("fashion-mnist:test", teacher.spec, num_images=EVAL_IMAGES, seed=0)
     t_eval = evaluate_model(teacher.model, test, device, progress=False)
     results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    for seed in SEEDS:
+    for k, seed in enumerate(SEEDS):
         for variant in VARIANTS:
             student, seconds = run_variant(variant, seed, teacher, device)
             ev = evaluate_model(student, test, device, teacher=teacher.model, progress=False)
@@ -104,6 +104,11 @@ def main() -> None:
                                      "seconds": round(seconds)})
             print(f"[bench_adi] seed {seed} {variant}: top-1 {ev['top1']:.2f} %, agreement {ev['agreement']:.2f} %, "
                   f"{seconds:.0f} s", file=sys.stderr, flush=True)
+        report(results, SEEDS[:k + 1], t_eval["top1"], device)  # after every seed: a partial table survives a stop
+
+
+def report(results: dict[str, list[dict]], seeds: list[int], teacher_top1: float, device: torch.device) -> None:
+    """Write bench/results/adi.md and adi.json for the seeds done so far."""
 
     def spread(vals: list[float]) -> str:
         mean = statistics.fmean(vals)
@@ -114,11 +119,11 @@ def main() -> None:
         rs = results[variant]
         rows.append([variant, *[f"{r['top1']:.2f}" for r in rs], spread([r["top1"] for r in rs]),
                      spread([r["agreement"] for r in rs]), sum(r["seconds"] for r in rs)])
-    header = ["variant", *[f"top-1 % seed {s}" for s in SEEDS], "top-1 % mean ± sd", "agreement % mean ± sd",
+    header = ["variant", *[f"top-1 % seed {s}" for s in seeds], "top-1 % mean ± sd", "agreement % mean ± sd",
               "seconds (all seeds)"]
     text = (
         "# Adaptive DeepInversion (bench/bench_adi.py)\n\n"
-        f"Teacher: shipped fmnist_resnet14, top-1 {t_eval['top1']:.2f} % on the {EVAL_IMAGES} real Fashion-MNIST "
+        f"Teacher: shipped fmnist_resnet14, top-1 {teacher_top1:.2f} % on the {EVAL_IMAGES} real Fashion-MNIST "
         f"test images used here (a seeded, class-stratified sample). Student: `{STUDENT}` from scratch, the same "
         f"seeded initialization in every variant. Device: {device} ({platform.processor() or platform.machine()}), "
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s).\n\n"
@@ -129,12 +134,13 @@ def main() -> None:
         f"images, each followed by {STEPS // ROUNDS} steps on all images so far. deepinversion: {STEPS} steps on "
         "its final images, no competition.\n\n"
         + markdown_table(header, rows)
-        + "\nReproduce: `python bench/bench_adi.py` (about 15 min on 1 CPU core at this budget). Full size: "
+        + f"\nSeeds done: {', '.join(map(str, seeds))} of {', '.join(map(str, SEEDS))}. "
+        "Reproduce: `python bench/bench_adi.py` (about 15 min on 1 CPU core at this budget). Full size: "
         "`ZKD_BENCH_ADI_ITERATIONS=2000 ZKD_BENCH_ADI_IMAGES=2048 ZKD_BENCH_ADI_STEPS=2000 python bench/bench_adi.py` "
         "on a GPU. Seconds are wall time on a shared machine (synthesis + training, not evaluation).\n"
     )
     write_result("adi", text)
-    atomic_write_json(RESULTS / "adi.json", {"teacher_top1": t_eval["top1"], "images": IMAGES, "iterations": ITERATIONS,
+    atomic_write_json(RESULTS / "adi.json", {"teacher_top1": teacher_top1, "images": IMAGES, "iterations": ITERATIONS,
                                              "steps": STEPS, "rounds": ROUNDS, "eval_images": EVAL_IMAGES,
                                              "results": results})
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..bn import deepinversion_feature_loss
 from ..errors import ZkdError
+from ..training import TrainConfig
 from .base import Method
 from .deepinversion import DEFAULTS
 
@@ -143,10 +144,8 @@ class AdaptiveConfig:
         edges = [r * num_batches // self.rounds for r in range(self.rounds + 1)]
         return [range(edges[r], edges[r + 1]) for r in range(self.rounds)]
 
-    def train_config(self, seed: int, precision: str = "fp32"):  # noqa: ANN201 (TrainConfig, imported lazily)
+    def train_config(self, seed: int, precision: str = "fp32") -> TrainConfig:
         """The :class:`~zeroshot_kd.training.TrainConfig` of every round; round r trains with ``tag=round_tag(r)``."""
-        from ..training import TrainConfig
-
         return TrainConfig(steps=self.distill_steps, batch_size=self.batch_size, lr=self.lr,
                            optimizer=self.optimizer, weight_decay=self.weight_decay, schedule=self.schedule,
                            seed=seed, precision=precision)
