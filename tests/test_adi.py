@@ -111,8 +111,12 @@ def test_one_round_equals_the_fixed_snapshot(teacher, tmp_path, one_thread):
     synthesize(tmp_path / "fixed", teacher=teacher, student=copy.deepcopy(student), **common)
     synthesize(tmp_path / "one", teacher=teacher, student=student, rounds=1, distill_steps=2, distill_batch_size=4,
                **common)
-    assert (tmp_path / "fixed" / "shard-000000.tar").read_bytes() == (tmp_path / "one" / "shard-000000.tar").read_bytes()
+    shard = "shard-000000.tar"
+    assert (tmp_path / "fixed" / shard).read_bytes() == (tmp_path / "one" / shard).read_bytes()
     assert not (tmp_path / "fixed" / "student.pt").exists() and (tmp_path / "one" / "student.pt").is_file()
+    # --overwrite with a fixed snapshot leaves no stale student of the previous adaptive run behind
+    synthesize(tmp_path / "one", teacher=teacher, student=copy.deepcopy(student), overwrite=True, **common)
+    assert not (tmp_path / "one" / "student.pt").exists() and not (tmp_path / "one" / "student.json").exists()
     # a module student is copied, never trained in place
     fresh, _ = build_student(STUDENT, teacher, seed=0)
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in student.state_dict().items())

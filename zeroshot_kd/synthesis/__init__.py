@@ -21,7 +21,8 @@ from .adi import AdaptiveConfig
 from .base import COMMON_DEFAULTS, Method
 from .engine import SynthesisConfig, optimize_batch, run_synthesis
 
-__all__ = ["AdaptiveConfig", "COMMON_DEFAULTS", "METHODS", "Method", "SynthesisConfig", "get_method", "optimize_batch", "synthesize"]
+__all__ = ["AdaptiveConfig", "COMMON_DEFAULTS", "METHODS", "Method", "SynthesisConfig", "get_method", "optimize_batch",
+           "synthesize"]
 
 METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (gaussian, inception, bns, deepinversion, adi)}
 

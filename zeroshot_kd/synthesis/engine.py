@@ -306,7 +306,8 @@ def _prepare_output(out: Path, config: dict[str, Any], resume: bool, overwrite: 
     if is_main:
         if existing and overwrite and not resume:
             for p in existing:
-                if p.name in (PARTS, MANIFEST, PREVIEW, STUDENT, "student.json") or p.name.startswith(("shard-", ".shard-")):
+                ours = p.name in (PARTS, MANIFEST, PREVIEW, STUDENT, "student.json")
+                if ours or p.name.startswith(("shard-", ".shard-")):
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
         (out / PARTS).mkdir(parents=True, exist_ok=True)
         for tmp in out.glob(".shard-*.tmp*"):  # left by an interrupted run
