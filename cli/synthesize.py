@@ -68,7 +68,9 @@ Examples:
               f"{_defaults_help('clip')}")
 @hp_option("--multires-iterations", "multires_iterations", click.IntRange(min=0),
            "Extra first stage at half resolution (DeepInversion setting 0).")
-@click.option("--student", default=None, metavar="SPEC", help="adi: model to compete against (same forms as --teacher).")
+@click.option("--student", default=None, metavar="SPEC",
+              help="adi: model to compete against (same forms as --teacher); with --distill-steps the student to "
+                   "train, built like zkd distill --student (also cifar-resnet:DxW, noskip:ARCH).")
 @hp_option("--adi-scale", "adi_scale", float, "adi: weight of the 1 - JS competition term.")
 @hp_option("--adi-temperature", "adi_temperature", click.FloatRange(min=0, min_open=True), "adi: softmax temperature.")
 @click.option("--adi-js", type=click.Choice(["textbook", "deepinversion"]), default=None,
