@@ -135,7 +135,7 @@ def report(results: dict[str, list[dict]], seeds: list[int], teacher_top1: float
         "its final images, no competition.\n\n"
         + markdown_table(header, rows)
         + f"\nSeeds done: {', '.join(map(str, seeds))} of {', '.join(map(str, SEEDS))}. "
-        "Reproduce: `python bench/bench_adi.py` (about 15 min on 1 CPU core at this budget). Full size: "
+        "Reproduce: `python bench/bench_adi.py` (this table: about 25 min with 1 thread on a 2-core machine shared with other jobs). Full size: "
         "`ZKD_BENCH_ADI_ITERATIONS=2000 ZKD_BENCH_ADI_IMAGES=2048 ZKD_BENCH_ADI_STEPS=2000 python bench/bench_adi.py` "
         "on a GPU. Seconds are wall time on a shared machine (synthesis + training, not evaluation).\n"
     )
