@@ -22,6 +22,8 @@ ORDER = [
     ["bench_export.py"],
     # issue 12: TAKD chains, Active Mixup with a black-box teacher, no-skip students (about 20 min)
     ["bench_recipes.py"],
+    # issue 12: fixed-snapshot adi vs adaptive adi vs deepinversion at the same compute (about 15 min)
+    ["bench_adi.py"],
 ]
 
 here = Path(__file__).resolve().parent

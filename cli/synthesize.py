@@ -32,6 +32,8 @@ Examples:
   zkd synthesize --out synth/di --num-images 256 --iterations 200
   # BNS (The Knowledge Within) from a torchvision ResNet-50 on GPU, bf16
   zkd synthesize --teacher resnet50 --weights IMAGENET1K_V2 --method bns --device cuda --precision bf16 --out rn50
+  # adaptive DeepInversion: 4 rounds, each followed by 100 KD steps of the student; writes OUT/student.pt
+  zkd synthesize --method adi --student cifar-resnet:8x8 --rounds 4 --distill-steps 100 --out synth/adi
   # your own checkpoint (state_dict) and architecture
   zkd synthesize --teacher ckpt.pt --arch resnet18 --num-classes 10 --image-size 32 --out mine
   # two processes (CPU or GPU): batches are strided over ranks, output identical to one process
@@ -66,11 +68,24 @@ Examples:
               f"{_defaults_help('clip')}")
 @hp_option("--multires-iterations", "multires_iterations", click.IntRange(min=0),
            "Extra first stage at half resolution (DeepInversion setting 0).")
-@click.option("--student", default=None, metavar="SPEC", help="adi: model to compete against (same forms as --teacher).")
+@click.option("--student", default=None, metavar="SPEC",
+              help="adi: model to compete against (same forms as --teacher); with --distill-steps the student to "
+                   "train, built like zkd distill --student (also cifar-resnet:DxW, noskip:ARCH).")
 @hp_option("--adi-scale", "adi_scale", float, "adi: weight of the 1 - JS competition term.")
 @hp_option("--adi-temperature", "adi_temperature", click.FloatRange(min=0, min_open=True), "adi: softmax temperature.")
 @click.option("--adi-js", type=click.Choice(["textbook", "deepinversion"]), default=None,
               help="adi: JS form, textbook or the authors' code (reverse KLs, clamped). [default: textbook]")
+@click.option("--rounds", type=int, default=None,
+              help="adi: synthesis rounds of the adaptive loop; each round synthesizes its share of --num-images "
+                   "against the current student. [default: 1]")
+@click.option("--distill-steps", type=int, default=None,
+              help="adi: KD steps of the student after each round, on all images so far (0: fixed snapshot); "
+                   "> 0 writes OUT/student.pt. [default: 0]")
+@click.option("--distill-lr", type=float, default=None,
+              help="adi: peak SGD learning rate of each round's training (cosine). [default: 0.05]")
+@click.option("--distill-batch-size", type=int, default=None, help="adi: images per training step. [default: 64]")
+@click.option("--distill-objective", "distill_objectives", multiple=True, metavar="SPEC",
+              help="adi: training objective, repeatable (zkd distill --objective specs). [default: kd]")
 @device_option
 @precision_option
 @seed_option
@@ -80,8 +95,9 @@ Examples:
 @json_option
 @handle_errors
 def command(method: str, out: str, num_images: int, batch_size: int, targets: str, student: str | None,
-            device: str, precision: str, seed: int, resume: bool, overwrite: bool, quiet: bool, as_json: bool,
-            **kw) -> None:  # noqa: ANN003
+            rounds: int | None, distill_steps: int | None, distill_lr: float | None, distill_batch_size: int | None,
+            distill_objectives: tuple[str, ...], device: str, precision: str, seed: int, resume: bool,
+            overwrite: bool, quiet: bool, as_json: bool, **kw) -> None:  # noqa: ANN003
     from zeroshot_kd import synthesize
     from zeroshot_kd.errors import ZkdError
     from zeroshot_kd.runtime import dist_env, resolve_device
@@ -90,12 +106,20 @@ def command(method: str, out: str, num_images: int, batch_size: int, targets: st
 
     m = get_method(method)
     adi_only = {"--student": student, "--adi-scale": kw.get("adi_scale"), "--adi-temperature": kw.get("adi_temperature"),
-                "--adi-js": kw.get("adi_js")}
+                "--adi-js": kw.get("adi_js"), "--rounds": rounds, "--distill-steps": distill_steps,
+                "--distill-lr": distill_lr, "--distill-batch-size": distill_batch_size,
+                "--distill-objective": distill_objectives or None}
     given = [flag for flag, v in adi_only.items() if v is not None]
     if given and not m.needs_student:
         raise ZkdError(f"{', '.join(given)} only apply to --method adi, not {method}; drop them or use --method adi")
+    loop = {"rounds": rounds, "distill_steps": distill_steps, "distill_lr": distill_lr,
+            "distill_batch_size": distill_batch_size, "distill_objectives": distill_objectives or None}
+    loop = {k: v for k, v in loop.items() if v is not None}
+    from zeroshot_kd.synthesis import AdaptiveConfig
+
+    AdaptiveConfig.from_options(**loop)  # bad loop options fail before the teacher is loaded
     tk = teacher_kwargs(kw)
-    check_finite({f"--{k.replace('_', '-')}": v for k, v in kw.items()})
+    check_finite({**{f"--{k.replace('_', '-')}": v for k, v in kw.items()}, "--distill-lr": distill_lr})
     check_writable(out, "--out", folder=True)
     dev = resolve_device(device)
     multires = bool(m.hyperparameters({k: v for k, v in kw.items()})["multires_iterations"])
@@ -108,16 +132,19 @@ def command(method: str, out: str, num_images: int, batch_size: int, targets: st
     manifest = synthesize(out, teacher=teacher, method=method, num_images=num_images, batch_size=batch_size,
                           seed=seed, targets=targets, device=str(dev), precision=precision, student=student,
                           resume=resume, overwrite=overwrite, progress=not quiet,
-                          log=echo if is_main else None, **kw)
+                          log=echo if is_main else None, **loop, **kw)
     if not is_main:
         return
     q = manifest["quality"]
     acc = ("labels = the teacher's argmax" if q["teacher_accuracy"] is None
            else f"teacher accuracy on the images {100 * q['teacher_accuracy']:.1f}%")
+    if "adaptive" in manifest:
+        echo(f"student after {len(manifest['adaptive']['rounds_log'])} round(s): {out}/student.pt")
     echo(f"{acc}, BNS-KL "
          f"{q['bns_kl'] if q['bns_kl'] is None else round(q['bns_kl'], 3)}, {manifest['wall_time_s']:.1f}s; "
          f"preview: {out}/preview.png")
     if as_json:
         emit_json({"out": out, "method": method, "num_images": manifest["num_images"],
                    "shards": len(manifest["shards"]), "quality": q, "final_loss": manifest["final_loss"],
-                   "wall_time_s": manifest["wall_time_s"], "teacher": manifest["teacher"]})
+                   "wall_time_s": manifest["wall_time_s"], "teacher": manifest["teacher"],
+                   "adaptive": manifest.get("adaptive")})

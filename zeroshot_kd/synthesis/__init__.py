@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,10 +20,12 @@ from ..runtime import resolve_device
 from ..teachers import Teacher, load_teacher
 from ..validate import check_teacher_input
 from . import adi, bns, deepinversion, gaussian, inception
+from .adi import AdaptiveConfig
 from .base import COMMON_DEFAULTS, Method
 from .engine import SynthesisConfig, optimize_batch, run_synthesis
 
-__all__ = ["COMMON_DEFAULTS", "METHODS", "Method", "SynthesisConfig", "get_method", "optimize_batch", "synthesize"]
+__all__ = ["AdaptiveConfig", "COMMON_DEFAULTS", "METHODS", "Method", "SynthesisConfig", "get_method", "optimize_batch",
+           "synthesize"]
 
 METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (gaussian, inception, bns, deepinversion, adi)}
 
@@ -49,6 +52,11 @@ def synthesize(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    rounds: int = 1,
+    distill_steps: int = 0,
+    distill_lr: float = 0.05,
+    distill_batch_size: int = 64,
+    distill_objectives: tuple[str, ...] | list[str] = ("kd",),
     **hyperparameters: Any,
 ) -> dict[str, Any]:
     """Synthesize images from a frozen teacher and write them as shards + manifest + preview into ``out``.
@@ -70,6 +78,14 @@ def synthesize(
         overwrite: delete a previous run's files in ``out`` first.
         progress: show tqdm bars (rank 0 only).
         log: callback for human-readable messages.
+        rounds: adi only: synthesis rounds of the adaptive loop (1 = one round, today's fixed snapshot when
+            ``distill_steps`` is 0). Each round synthesizes its share of the batches against the current student.
+        distill_steps: adi only: student training steps (KD from the teacher, :func:`~zeroshot_kd.train_student`)
+            after each round, on every image so far; > 0 also writes ``out/student.pt`` (+ card for a spec student).
+            See :class:`~zeroshot_kd.synthesis.adi.AdaptiveConfig`.
+        distill_lr: adi only: peak learning rate of each round's training (SGD, cosine over the round).
+        distill_batch_size: adi only: images per training step.
+        distill_objectives: adi only: the training objectives (``zkd distill --objective`` specs).
         **hyperparameters: overrides of the method's defaults (see :data:`COMMON_DEFAULTS`), e.g. ``iterations``,
             ``lr``, ``bn_weight``, ``first_bn_multiplier``, ``ce_weight``, ``tv_l1``, ``tv_l2``, ``l2``, ``jitter``,
             ``flip``, ``adi_scale``, ``adi_temperature``, ``adi_js``, ``multires_iterations``, ``warmup``, ``clip``.
@@ -83,11 +99,17 @@ def synthesize(
     except KeyError as e:
         raise ZkdError(f"unknown hyper-parameter {e.args[0]!r}; valid: {', '.join(sorted(COMMON_DEFAULTS))}") from None
     cfg = SynthesisConfig(method, num_images, batch_size, seed, targets, hp, precision)  # validates, one line
+    adaptive = AdaptiveConfig.from_options(rounds, distill_steps, distill_lr, distill_batch_size, distill_objectives)
+    if (adaptive.active or rounds > 1) and not m.needs_student:
+        raise ZkdError(f"--rounds and --distill-steps only apply to --method adi, not {method}; drop them or use "
+                       "--method adi")
+    if adaptive.active:  # before any output exists
+        adaptive.round_batches(math.ceil(num_images / batch_size))
     dev = resolve_device(device)
     t = _on_device(teacher, dev) if isinstance(teacher, Teacher) else load_teacher(teacher, device=dev)
     check_teacher_input(t.model, t.spec, multires=bool(hp["multires_iterations"]))  # before any output exists
     return run_synthesis(out, t, m, cfg, dev, student=student, resume=resume, overwrite=overwrite,
-                         progress=progress, log=log)
+                         progress=progress, log=log, adaptive=adaptive)
 
 
 def _on_device(teacher: Teacher, dev: torch.device) -> Teacher:

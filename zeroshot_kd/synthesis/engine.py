@@ -5,6 +5,12 @@ seed, b): its initial noise, targets, jitter and flips all come from a generator
 output bytes do not depend on how many processes ran, in which order, or whether the run was interrupted. Under
 torchrun, rank r takes the batches with ``b % world_size == r``; each finished batch is one shard written
 atomically with a small record in ``.parts/``; rank 0 merges the records into ``manifest.json`` at the end.
+
+Adaptive adi (:class:`~zeroshot_kd.synthesis.adi.AdaptiveConfig` with ``distill_steps > 0``, one process): the
+batches are split into consecutive rounds; after round r's batches the student is trained on every shard so far
+and checkpointed as ``.parts/student-round-RRR.pt`` (atomically), so round r + 1's competition term and a resumed
+run both use exactly that student; the final student is ``student.pt`` (+ ``student.json`` card when the student
+came from a spec).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from ..shards import FORMAT, FORMAT_VERSION, MANIFEST, shard_name, write_manifes
 from ..spec import InputSpec
 from ..teachers import Teacher, load_teacher
 from ..validate import check_finite
-from .adi import competition_loss
+from .adi import AdaptiveConfig, competition_loss, round_tag
 from .base import Method
 from .priors import PRIORS, image_priors, jitter_flip
 
@@ -43,6 +49,7 @@ __all__ = ["BatchResult", "BestTracker", "SynthesisConfig", "make_targets", "opt
 
 PARTS = ".parts"
 PREVIEW = "preview.png"
+STUDENT = "student.pt"
 
 
 @dataclass
@@ -329,7 +336,8 @@ def _prepare_output(out: Path, config: dict[str, Any], resume: bool, overwrite: 
     if is_main:
         if existing and overwrite and not resume:
             for p in existing:
-                if p.name == PARTS or p.name == MANIFEST or p.name == PREVIEW or p.name.startswith(("shard-", ".shard-")):
+                ours = p.name in (PARTS, MANIFEST, PREVIEW, STUDENT, "student.json")
+                if ours or p.name.startswith(("shard-", ".shard-")):
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
         (out / PARTS).mkdir(parents=True, exist_ok=True)
         for tmp in out.glob(".shard-*.tmp*"):  # left by an interrupted run
@@ -364,24 +372,44 @@ def run_synthesis(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    adaptive: AdaptiveConfig | None = None,
 ) -> dict[str, Any]:
-    """Synthesize ``cfg.num_images`` images into ``out`` and return the manifest (see :func:`zeroshot_kd.synthesize`)."""
+    """Synthesize ``cfg.num_images`` images into ``out`` and return the manifest (see :func:`zeroshot_kd.synthesize`).
+
+    Args:
+        adaptive: adi's synthesize-distill loop (see the module docstring); None or ``distill_steps == 0``: the
+            student is a fixed snapshot.
+    """
     t_start = time.time()
     env = dist_env()
+    adaptive = adaptive or AdaptiveConfig()
+    if (adaptive.active or adaptive.rounds > 1) and not method.needs_student:
+        raise ZkdError(f"--rounds and --distill-steps only apply to --method adi, not {method.name}; drop them or use "
+                       "--method adi")
+    if adaptive.active and env.world_size > 1:
+        raise ZkdError("adaptive adi (--distill-steps) runs in one process; run it without torchrun")
+    rounds = adaptive.round_batches(cfg.num_batches) if adaptive.active else [range(cfg.num_batches)]
     joined = init_process_group(device)
     try:
         out = Path(out)
         if method.bn_loss is not None and cfg.hyperparameters["bn_weight"]:
             require_bn(teacher.model, f"--method {method.name}")
-        student_model = _load_student(student, teacher.spec, device) if method.needs_student else None
+        card = None
+        if adaptive.active:
+            if student is None:
+                raise ZkdError("--distill-steps needs --student SPEC (the student to train); add --student")
+            student_model, card = _trainable_student(student, teacher, cfg.seed, device)
+        else:
+            student_model = _load_student(student, teacher.spec, device) if method.needs_student else None
         if method.needs_student and student_model is None and cfg.hyperparameters["adi_scale"]:
             raise ZkdError("--method adi needs --student SPEC (a model to compete against), or --adi-scale 0")
         parse_targets(cfg.targets, teacher.spec.num_classes)
         config = {"config": cfg.to_dict(), "teacher_weights_sha256": teacher.weights_sha256,
                   "input_spec": teacher.spec.to_dict(), "student": _describe(student)}
+        if adaptive.active:  # absent otherwise: fixed-snapshot runs keep their config (and --resume) as before
+            config["adaptive"] = adaptive.to_dict()
         _prepare_output(out, config, resume, overwrite, env.is_main)
         done = _done_batches(out)
-        mine = [b for b in range(cfg.num_batches) if b % env.world_size == env.rank and b not in done]
         show = progress and env.is_main
         # Rank 0's bar counts every rank's batches, assuming the ranks keep pace with each other.
         bar = tqdm(total=cfg.num_batches, initial=len(done), desc=method.name, unit="batch", disable=not show,
@@ -395,25 +423,42 @@ def run_synthesis(
             if it % 10 == 0:
                 inner.set_postfix({k: f"{v:.3g}" for k, v in terms.items()}, refresh=False)
 
-        for b in mine:
-            t0 = time.time()
-            inner.reset()
-            res = optimize_batch(teacher.model, teacher.spec, method, cfg, b, device, student_model, on_iteration)
-            keys = [f"{i:08d}" for i in cfg.batch_range(b)]
-            name = shard_name(b)
-            sha = write_shard(out / name, keys, res.images, res.labels.tolist(), teacher.spec)
-            record = {"batch": b, "file": name, "count": len(keys), "sha256": sha, "bytes": (out / name).stat().st_size,
-                      "labels": res.labels.tolist(), "terms": res.terms, "best_score": res.best_score,
-                      "teacher_accuracy": res.teacher_accuracy, "bns_kl": res.bns_kl, "seconds": time.time() - t0}
-            atomic_write_json(out / PARTS / name.replace(".tar", ".json"), record)
-            bar.update(min(env.world_size, bar.total - bar.n))
-            bar.set_postfix(acc=f"{res.teacher_accuracy:.2f}", bns_kl=f"{res.bns_kl:.3g}", refresh=False)
+        round_log: list[dict[str, Any]] = []
+        for r, round_range in enumerate(rounds):
+            for b in [b for b in round_range if b % env.world_size == env.rank and b not in done]:
+                t0 = time.time()
+                inner.reset()
+                res = optimize_batch(teacher.model, teacher.spec, method, cfg, b, device, student_model, on_iteration)
+                keys = [f"{i:08d}" for i in cfg.batch_range(b)]
+                name = shard_name(b)
+                sha = write_shard(out / name, keys, res.images, res.labels.tolist(), teacher.spec)
+                record = {"batch": b, "file": name, "count": len(keys), "sha256": sha,
+                          "bytes": (out / name).stat().st_size, "labels": res.labels.tolist(), "terms": res.terms,
+                          "best_score": res.best_score, "teacher_accuracy": res.teacher_accuracy, "bns_kl": res.bns_kl,
+                          "seconds": time.time() - t0}
+                atomic_write_json(out / PARTS / name.replace(".tar", ".json"), record)
+                bar.update(min(env.world_size, bar.total - bar.n))
+                bar.set_postfix(acc=f"{res.teacher_accuracy:.2f}", bns_kl=f"{res.bns_kl:.3g}", refresh=False)
+            if adaptive.active:
+                assert student_model is not None
+                round_log.append(_train_round(out, r, range(round_range.stop), teacher, student_model, adaptive, cfg,
+                                              device, show))
+                if log:
+                    rec = round_log[-1]
+                    log(f"round {r + 1}/{len(rounds)}: {rec['images']} images, {rec['step']} distill steps, "
+                        f"loss {rec.get('loss')}")
         inner.close()
         bar.close()
         barrier()
         manifest: dict[str, Any] = {}
         if env.is_main:
-            manifest = _write_manifest(out, teacher, cfg, device, student, env.world_size, time.time() - t_start)
+            extra: dict[str, Any] = {}
+            if adaptive.active:
+                assert student_model is not None
+                _write_student(out, teacher, student_model, card, adaptive, cfg, round_log)
+                extra = {"adaptive": {**adaptive.to_dict(), "rounds_log": round_log, "student": STUDENT}}
+            manifest = _write_manifest(out, teacher, cfg, device, student, env.world_size, time.time() - t_start,
+                                       extra)
             write_preview(out, teacher.spec, manifest, class_names=teacher.classes)
             if log:
                 log(f"wrote {manifest['num_images']} images in {len(manifest['shards'])} shards to {out}")
@@ -429,6 +474,90 @@ def run_synthesis(
             dist.destroy_process_group()
 
 
+def _trainable_student(student: str | nn.Module, teacher: Teacher, seed: int, device: torch.device
+                       ) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The student the adaptive loop trains, frozen and in eval mode for synthesis, and its card entry.
+
+    A spec is built by :func:`zeroshot_kd.distill.build_student` (seeded initialization, ``cifar-resnet:...``,
+    ``noskip:...`` or any teacher spec); a module is deep-copied (the caller's is never trained) and has no card.
+    """
+    if isinstance(student, nn.Module):
+        import copy
+
+        model, card = copy.deepcopy(student).to(device), None
+    else:
+        from ..distill import build_student
+
+        model, card = build_student(student, teacher, seed=seed, device=device)
+    return model.requires_grad_(False).eval(), card
+
+
+def round_checkpoint(out: str | Path, r: int) -> Path:
+    """Where round r's student lives (written atomically after its training, read back by ``--resume``)."""
+    return Path(out) / PARTS / f"student-round-{r:03d}.pt"
+
+
+def stored_images(out: str | Path, batches: range, spec: InputSpec) -> torch.utils.data.TensorDataset:
+    """The images and labels of ``batches`` as stored in their shards (float16 values), each shard verified against
+    its record's sha256: the data of a round's training, identical in a fresh and in a resumed run."""
+    from ..shards import ShardDataset, decode_npy
+
+    done = _done_batches(Path(out))
+    xs, ys = [], []
+    for b in batches:
+        if b not in done:
+            raise ZkdError(f"batch {b} is missing in {out}; re-run with --resume")
+        path = Path(out) / done[b]["file"]
+        ShardDataset.verify_shard(path, done[b]["sha256"])
+        with open(path, "rb") as f:
+            for _, offset, size, label, _ in ShardDataset._index(path, spec):
+                f.seek(offset)
+                xs.append(decode_npy(f.read(size)).float())
+                ys.append(label)
+    return torch.utils.data.TensorDataset(torch.stack(xs), torch.tensor(ys, dtype=torch.long))
+
+
+def _train_round(out: Path, r: int, batches: range, teacher: Teacher, student: nn.Module, adaptive: AdaptiveConfig,
+                 cfg: SynthesisConfig, device: torch.device, progress: bool) -> dict[str, Any]:
+    """Round r's distillation: train ``student`` in place on ``batches``' stored images, or restore it from the
+    round's checkpoint when a previous run finished the round. Returns the round's record (no timings)."""
+    from ..training import read_checkpoint, train_student, write_checkpoint
+
+    ckpt = round_checkpoint(out, r)
+    if ckpt.is_file():
+        state, meta = read_checkpoint(ckpt)
+        student.load_state_dict(state)
+        return dict(meta["round_record"])
+    data = stored_images(out, batches, teacher.spec)
+    result = train_student(student, teacher.model, data, list(adaptive.objectives),
+                           adaptive.train_config(cfg.seed, cfg.precision), device, spec=teacher.spec,
+                           param_groups=[{"params": list(student.parameters())}], initial_record=False,
+                           progress=progress, tag=round_tag(r))
+    final = result.final or {}
+    record = {"round": r, "train_batches": [batches.start, batches.stop], "images": len(data), "step": result.steps,
+              **{k: v for k, v in final.items() if k not in ("epoch", "step", "eval")}}
+    write_checkpoint(ckpt, student, {"kind": "adi-round-student", "round": r, "round_record": record})
+    return record
+
+
+def _write_student(out: Path, teacher: Teacher, student: nn.Module, card: dict[str, Any] | None,
+                   adaptive: AdaptiveConfig, cfg: SynthesisConfig, round_log: list[dict[str, Any]]) -> None:
+    """``out/student.pt`` in ``zkd distill``'s checkpoint format, with its card when the student came from a spec
+    (so ``load_teacher(out/student.pt)`` and ``zkd evaluate`` load it)."""
+    from ..distill import _write_card
+    from ..training import write_checkpoint
+
+    steps = sum(rec["step"] for rec in round_log)
+    specs = list(adaptive.objectives)
+    write_checkpoint(out / STUDENT, student, {"kind": "distilled-student", "teacher": teacher.source.get("spec"),
+                                              "teacher_sha256": teacher.weights_sha256, "objectives": specs,
+                                              "synthesis": "adi", "rounds": adaptive.rounds, "epoch": 1,
+                                              "step": steps})
+    if card is not None:
+        _write_card(out / STUDENT, teacher, card, specs, adaptive.train_config(cfg.seed, cfg.precision),
+                    {"rounds": round_log, "step": steps})
+
+
 def _describe(student: str | nn.Module | None) -> str | None:
     if student is None or isinstance(student, str):
         return student
@@ -436,7 +565,8 @@ def _describe(student: str | nn.Module | None) -> str | None:
 
 
 def _write_manifest(out: Path, teacher: Teacher, cfg: SynthesisConfig, device: torch.device,
-                    student: str | nn.Module | None, world_size: int, wall: float) -> dict[str, Any]:
+                    student: str | nn.Module | None, world_size: int, wall: float,
+                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
     done = _done_batches(out)
     missing = [b for b in range(cfg.num_batches) if b not in done]
     if missing:
@@ -488,5 +618,6 @@ def _write_manifest(out: Path, teacher: Teacher, cfg: SynthesisConfig, device: t
         "wall_time_s": wall,
         "shards": [{"file": r["file"], "count": r["count"], "sha256": r["sha256"], "batch": r["batch"]}
                    for r in records],
+        **(extra or {}),
     }
     return write_manifest(out, manifest)
