@@ -167,6 +167,27 @@ def _observe(proto: Any, names: list[str], inputs: torch.Tensor, batch_size: int
     return {n: (lo[n], hi[n]) for n in names}
 
 
+def _drop_float_casts(proto: Any) -> int:
+    """Remove float32 -> float32 Casts (the tracer leaves some on residual branches; they hide the Add's input)."""
+    import onnx
+    from onnx import TensorProto
+
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    outputs = {o.name for o in proto.graph.output}
+    drop = [n for n in proto.graph.node if n.op_type == "Cast" and n.output[0] not in outputs
+            and types.get(n.input[0]) == TensorProto.FLOAT
+            and any(a.name == "to" and a.i == TensorProto.FLOAT for a in n.attribute)]
+    for n in drop:
+        for m in proto.graph.node:
+            for i, name in enumerate(m.input):
+                if name == n.output[0]:
+                    m.input[i] = n.input[0]
+        proto.graph.node.remove(n)
+    return len(drop)
+
+
 def add_integer_qdq(proto: Any, inputs: torch.Tensor) -> dict[str, Any]:
     """Insert the extra 8-bit QDQ described in the module docstring into ``proto`` (in place).
 
@@ -181,6 +202,7 @@ def add_integer_qdq(proto: Any, inputs: torch.Tensor) -> dict[str, Any]:
     import onnx
     from onnx import TensorProto
 
+    _drop_float_casts(proto)
     gr = _Graph(proto)
     points = _points(gr)
     grid: dict[str, tuple] = {}  # point -> ("q", existing Q node) | ("grid", scale, zp)
@@ -211,7 +233,7 @@ def add_integer_qdq(proto: Any, inputs: torch.Tensor) -> dict[str, Any]:
     for p in todo:
         if p in pooled:
             q = pooled[p]
-            grid[p] = ("grid", float(gr.value(q.input[1])), int(gr.value(q.input[2])))
+            grid[p] = ("names", q.input[1], q.input[2])
             kinds["pooled"] += 1
         else:
             s, z = uint8_grid(*observed[p])
@@ -227,9 +249,12 @@ def add_integer_qdq(proto: Any, inputs: torch.Tensor) -> dict[str, Any]:
             qout, s_name, z_name, anchor = q.output[0], q.input[1], q.input[2], q.output[0]
             skip = {id(q)}
         else:
-            s_name, z_name = f"zkd_qdq.{k}.scale", f"zkd_qdq.{k}.zero_point"
-            new_inits += [onnx.helper.make_tensor(s_name, TensorProto.FLOAT, [], [g[1]]),
-                          onnx.helper.make_tensor(z_name, TensorProto.UINT8, [], [g[2]])]
+            if g[0] == "names":
+                s_name, z_name = g[1], g[2]
+            else:
+                s_name, z_name = f"zkd_qdq.{k}.scale", f"zkd_qdq.{k}.zero_point"
+                new_inits += [onnx.helper.make_tensor(s_name, TensorProto.FLOAT, [], [g[1]]),
+                              onnx.helper.make_tensor(z_name, TensorProto.UINT8, [], [g[2]])]
             qout = f"zkd_qdq.{k}.q"
             qnode = onnx.helper.make_node("QuantizeLinear", [p, s_name, z_name], [qout], name=f"zkd_qdq.{k}.Q")
             anchor = p if p in gr.producer else ""
