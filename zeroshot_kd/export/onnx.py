@@ -26,6 +26,10 @@ which computes what the fake-quant layer computes (zeroshot_kd.quant.modules):
 * layers whose input is not quantized (the first layer under the default ``keep_8bit`` convention) get only the
   weight DequantizeLinear; BatchNorm stays folded (or stays a BatchNormalization node if the student kept it);
   residual additions, pooling and logits stay float, as in the student.
+* with ``range_inputs`` (what ``zkd export`` does by default), a student whose activations are all 8-bit and
+  whose weights are int8 codes (5..8 bits) gets extra, export-only 8-bit QDQ at conv outputs, residual Adds and
+  the first layer's input (:mod:`zeroshot_kd.export.integer`), so that ONNX Runtime runs every conv as
+  QLinearConv and every residual Add as QLinearAdd instead of leaving them float.
 
 The graph is traced with PyTorch's TorchScript-based exporter (``dynamo=False``: it needs no onnxscript and works
 offline); the QDQ nodes come from the ``symbolic`` methods of two autograd functions whose forward is the
@@ -308,7 +312,8 @@ def onnx_bytes(model: nn.Module, spec: InputSpec | None = None, info: dict[str, 
         opset: ONNX opset [default: 17, or 21 when 2..4-bit weights are stored as int4].
         range_inputs: normalized images; when given (and the model is a student), the graph gets the extra 8-bit
             QDQ of :mod:`zeroshot_kd.export.integer` (ranges observed on these images) so ONNX Runtime runs W8A8
-            convs and residual Adds as integer kernels; None exports exactly the student's quantizers.
+            convs and residual Adds as integer kernels; None exports exactly the student's quantizers. Ignored
+            (no extra QDQ) for students with activations below 8 bits or int4 weights, which ORT runs in float.
 
     Returns:
         (the model bytes, a summary: opset, quantized layer count, weight storage types per bit width).
@@ -325,6 +330,12 @@ def onnx_bytes(model: nn.Module, spec: InputSpec | None = None, info: dict[str, 
     layers: dict[str, _ExportLayer] = {}
     if quantized:
         net, layers = export_module(model)
+        # ORT has integer kernels only for 8-bit activations and int8 weight codes: elsewhere the extra QDQ
+        # would cost accuracy for no speed
+        if range_inputs is not None and not all((not lay.a_quantized or lay.a_qmax == 255)
+                                                and (not lay.w_quantized or lay.w_bits >= 5)
+                                                for lay in layers.values()):
+            range_inputs = None
         if range_inputs is not None:
             _quantize_model_inputs(net, layers, range_inputs)
     else:
