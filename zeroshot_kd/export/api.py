@@ -108,7 +108,8 @@ def export_onnx(model: nn.Module, out: str | os.PathLike | None, spec: InputSpec
         if check["agreement"] < min_agreement:
             raise ZkdError(f"ONNX Runtime agrees with PyTorch on {check['agreement']:.2f}% of {check['images']} "
                            f"images (max logit difference {check['max_logit_diff']:.3g}), below --min-agreement "
-                           f"{min_agreement:g}%; nothing written")
+                           f"{min_agreement:g}%; nothing written"
+                       + ("; try --student-qdq (no extra 8-bit QDQ)" if summary.get("extra_qdq") else ""))
     ops = optimized_op_counts(data, threads or 1)
     if out is not None:
         atomic_write_bytes(out, data)
