@@ -9,8 +9,8 @@ For each model (the two shipped teachers, and a torchvision ResNet-18 with rando
   ``--repeats`` runs after a warm-up; ratio = QDQ / FP32 (< 1: the quantized graph is faster);
 * whether ORT's optimized graph runs integer kernels (QLinearConv / ConvInteger / QGemm counts);
 * top-1 on the real Fashion-MNIST test set of every exported student in ORT vs the same student in PyTorch, and
-  the export check's agreement (all 10 000 test images for the Fashion-MNIST models; the random ResNet-18 has no
-  data set, its check runs on gaussian images).
+  the export check's agreement (``--test-images`` of the test set, a seeded stratified sample; the random
+  ResNet-18 has no data set, its check runs on gaussian images).
 
 The Fashion-MNIST students are calibrated on ``--cal-images`` real training images (this benchmark measures
 deployment, not data-free accuracy; bench_quant.py covers that), the ResNet-18 on gaussian images.
@@ -80,8 +80,8 @@ def first_images(source: str, spec: Any, n: int) -> torch.Tensor:
 def run_model(label: str, cfg: dict[str, Any], args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     teacher = load_teacher(cfg["spec"], **cfg["kw"])
     spec = teacher.spec
-    out: dict[str, Any] = {"model": label, "input": list(spec.shape), "bits": {}}
-    test = make_dataset("fashion-mnist:test", spec) if cfg["eval"] else None
+    out: dict[str, Any] = {"model": label, "input": list(spec.shape), "bits": {}, "test_images": args.test_images}
+    test = make_dataset("fashion-mnist:test", spec, num_images=args.test_images) if cfg["eval"] else None
     check_src = "fashion-mnist:test" if cfg["eval"] else f"gaussian:{args.check_images}"
     check = first_images(check_src, spec, args.check_images)
     cal_images = args.cal_images if cfg["eval"] else min(args.cal_images, 64)
@@ -184,7 +184,8 @@ def render(results: list[dict[str, Any]]) -> str:
                      f"{w8['plain']['check']['max_logit_diff']:.3g} -> {w8['check']['max_logit_diff']:.3g}"])
     lines.append(markdown_table(["model", "student QDQ", "integer QDQ", "extra 8-bit quantizers",
                                  "check agreement %", "max logit diff"], rows))
-    lines += ["## Top-1 on Fashion-MNIST test (10 000 images): ORT model vs PyTorch student", ""]
+    lines += ["## Top-1 on Fashion-MNIST test: ORT model vs PyTorch student", "",
+              f"{results[0].get('test_images', '')} test images (seeded stratified sample).", ""]
     rows = []
     for r in results:
         for b in BITS:
@@ -205,6 +206,7 @@ def main() -> None:
     ap.add_argument("--cal-images", type=int, default=256, help="calibration images per student")
     ap.add_argument("--check-images", type=int, default=256, help="images of each export check")
     ap.add_argument("--repeats", type=int, default=20, help="timed runs at batch 1 (batch 32: a quarter, >= 3)")
+    ap.add_argument("--test-images", type=int, default=10000, help="Fashion-MNIST test images for the top-1 rows")
     ap.add_argument("--threads", type=lambda v: [int(t) for t in v.split(",")], default=[1],
                     help="comma list of ORT intra-op thread counts for the latency rows (0: ORT's default)")
     ap.add_argument("--quick-resnet", action=argparse.BooleanOptionalAction, default=True,
@@ -215,9 +217,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         for label in args.models.split(","):
             results.append(run_model(label, MODELS[label], args, Path(d)))
-    atomic_write_json(RESULTS / "export.json", results)
-    write_result("export", render(results) + f"\nCommand: `python bench/bench_export.py {' '.join(sys.argv[1:])}`"
-                 .rstrip() + "\n")
+            # after every model, so a long run leaves the finished rows
+            atomic_write_json(RESULTS / "export.json", results)
+            write_result("export", render(results) + "\nCommand: `python bench/bench_export.py "
+                         f"{' '.join(sys.argv[1:])}`".rstrip() + "\n")
 
 
 if __name__ == "__main__":

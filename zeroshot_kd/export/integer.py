@@ -167,6 +167,36 @@ def _observe(proto: Any, names: list[str], inputs: torch.Tensor, batch_size: int
     return {n: (lo[n], hi[n]) for n in names}
 
 
+def _topological(nodes: list) -> list:
+    """``nodes`` in an order where every node follows the producers of its inputs, otherwise as given.
+
+    (A rewired reader, e.g. a second input quantizer of the same tensor, may come before the canonical Q.)
+    """
+    import heapq
+
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    waiting = [0] * len(nodes)
+    readers: dict[int, list[int]] = defaultdict(list)
+    for i, n in enumerate(nodes):
+        deps = {producer[x] for x in n.input if x in producer and producer[x] != i}
+        waiting[i] = len(deps)
+        for d in deps:
+            readers[d].append(i)
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    out = []
+    while ready:
+        i = heapq.heappop(ready)
+        out.append(nodes[i])
+        for r in readers[i]:
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, r)
+    if len(out) != len(nodes):
+        raise ValueError("cycle in the rewritten ONNX graph")
+    return out
+
+
 def _drop_float_casts(proto: Any) -> int:
     """Remove float32 -> float32 Casts (the tracer leaves some on residual branches; they hide the Add's input)."""
     import onnx
@@ -280,6 +310,6 @@ def add_integer_qdq(proto: Any, inputs: torch.Tensor) -> dict[str, Any]:
     for n in pending.pop("", []) + list(gr.g.node):  # a graph-input point's Q first
         emit(n)
     del gr.g.node[:]
-    gr.g.node.extend(order)
+    gr.g.node.extend(_topological(order))
     gr.g.initializer.extend(new_inits)
     return {"points": len(points), **kinds}
