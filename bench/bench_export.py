@@ -206,6 +206,7 @@ def main() -> None:
     ap.add_argument("--cal-images", type=int, default=256, help="calibration images per student")
     ap.add_argument("--check-images", type=int, default=256, help="images of each export check")
     ap.add_argument("--repeats", type=int, default=20, help="timed runs at batch 1 (batch 32: a quarter, >= 3)")
+    ap.add_argument("--result", default="export", help="name of the bench/results/<name>.md/.json files")
     ap.add_argument("--test-images", type=int, default=10000, help="Fashion-MNIST test images for the top-1 rows")
     ap.add_argument("--threads", type=lambda v: [int(t) for t in v.split(",")], default=[1],
                     help="comma list of ORT intra-op thread counts for the latency rows (0: ORT's default)")
@@ -218,8 +219,8 @@ def main() -> None:
         for label in args.models.split(","):
             results.append(run_model(label, MODELS[label], args, Path(d)))
             # after every model, so a long run leaves the finished rows
-            atomic_write_json(RESULTS / "export.json", results)
-            write_result("export", render(results) + "\nCommand: `python bench/bench_export.py "
+            atomic_write_json(RESULTS / f"{args.result}.json", results)
+            write_result(args.result, render(results) + "\nCommand: `python bench/bench_export.py "
                          f"{' '.join(sys.argv[1:])}`".rstrip() + "\n")
 
 
