@@ -19,6 +19,8 @@ image: those convs stay float (on ResNet-14, 9 of 15).
 * these quantizers exist only in the ONNX graph, not in the student: they round residual-branch tensors, conv
   outputs and the image to 8 bits (at most half a step each), which the export check measures against the
   PyTorch student. A point whose reader already is a sub-8-bit (Clip) quantizer gets the 8-bit code first.
+
+Graph outputs are never quantized, so the last Linear (logits) stays a float Gemm on dequantized inputs.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ class _Graph:
         if n.op_type != "Conv" or len(n.input) < 2:
             return False
         dq_x, dq_w = self.producer.get(n.input[0]), self.producer.get(n.input[1])
-        if dq_x is None or dq_w is None or "DequantizeLinear" != dq_x.op_type or dq_w.op_type != "DequantizeLinear":
+        if dq_x is None or dq_w is None or dq_x.op_type != "DequantizeLinear" or dq_w.op_type != "DequantizeLinear":
             return False
         q = self.producer.get(dq_x.input[0])
         w = self.init(dq_w.input[0])
