@@ -36,10 +36,14 @@ Examples:
               help="Least top-1 agreement (percent) between ONNX Runtime and PyTorch to write the file.")
 @click.option("--opset", type=click.IntRange(13, 23), default=None, show_default="17, or 21 for int4 weights",
               help="ONNX opset.")
+@click.option("--integer-qdq/--student-qdq", "integer_qdq", default=True,
+              help="--integer-qdq: add export-only 8-bit QDQ at conv outputs, residual Adds and the first layer's "
+              "input (ranges observed on the check images) so ONNX Runtime runs every W8A8 conv and Add as an "
+              "integer kernel (students with 8-bit activations); --student-qdq: exactly the student's quantizers.")
 @json_option
 @handle_errors
 def command(model_spec: str, fmt: str, out: str, check_data: str | None, check_images: int, min_agreement: float,
-            opset: int | None, as_json: bool, **kw) -> None:  # noqa: ANN003
+            opset: int | None, integer_qdq: bool, as_json: bool, **kw) -> None:  # noqa: ANN003
     from pathlib import Path
 
     from zeroshot_kd.export import check_images as load_check_images
@@ -57,7 +61,7 @@ def command(model_spec: str, fmt: str, out: str, check_data: str | None, check_i
     echo(f"{info['what']}; checking against PyTorch on images of {source}")
     inputs = load_check_images(source, spec, check_images)
     res = export_onnx(model, out, spec, check_inputs=inputs, min_agreement=min_agreement, info=info["meta"],
-                      opset=opset)
+                      opset=opset, integer_qdq=integer_qdq)
     c = res.check
     kernels = ", ".join(f"{k} x{v}" for k, v in sorted(res.integer_kernels.items())) or "none"
     types = ", ".join(f"{k} {v}" for k, v in sorted(res.summary["weight_types"].items())) or "float32"
@@ -65,5 +69,9 @@ def command(model_spec: str, fmt: str, out: str, check_data: str | None, check_i
          f"difference {c['max_logit_diff']:.3g}")
     echo(f"-> {out}: {res.bytes / 1e6:.2f} MB, opset {res.summary['opset']}, weights {types}; "
          f"ORT integer kernels: {kernels}")
+    ex = res.summary.get("extra_qdq")
+    if ex:
+        echo(f"extra 8-bit QDQ (ONNX graph only): {ex['points']} tensors ({ex['reused']} on the student's grids, "
+             f"{ex['observed']} observed, {ex['pooled']} pooled), {ex['first_layer_inputs']} first-layer input(s)")
     if as_json:
         emit_json({"out": out, "format": fmt, "check_data": source, **res.to_dict()})

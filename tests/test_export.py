@@ -123,6 +123,87 @@ def test_qdq_graph_computes_the_fake_quant_student(small_teacher, one_thread, w_
         assert optimized_op_counts(data).get("QLinearConv", 0) >= 1
 
 
+def grid_images(n=32, seed=3, scale=0.02, zero_point=100):
+    """Images exactly on a uint8 grid holding codes 0 and 255, so the export-only input quantizer is exact."""
+    q = torch.randint(0, 256, (n, 1, 28, 28), generator=torch.Generator().manual_seed(seed)).float()
+    q.view(-1)[0], q.view(-1)[1] = 0, 255
+    return (q - zero_point) * scale
+
+
+def test_integer_qdq_puts_every_conv_and_residual_add_on_integer_kernels(small_teacher, one_thread):
+    """The extra 8-bit QDQ: ORT runs each conv as QLinearConv and each residual Add as QLinearAdd."""
+    from zeroshot_kd.export import optimized_op_counts
+    from zeroshot_kd.quant.modules import QuantConv2d
+
+    student = student_of(small_teacher, QuantConfig(8, 8)).student
+    x = grid_images()
+    plain, _ = onnx_bytes(student)
+    data, summary = onnx_bytes(student, range_inputs=x)
+    convs = sum(isinstance(m, QuantConv2d) for m in student.modules())
+    proto = onnx.load_from_string(plain)
+    consts = {t.name for t in proto.graph.initializer} | {n.output[0] for n in proto.graph.node
+                                                         if n.op_type in ("Constant", "Identity")}
+    residual_adds = sum(n.op_type == "Add" and not set(n.input) & consts for n in proto.graph.node)
+    assert convs == 9 and residual_adds == 3  # ResNet-8: stem + 3 blocks x 2 + 2 downsample; one Add per block
+    before, after = optimized_op_counts(plain), optimized_op_counts(data)
+    assert before.get("QLinearConv", 0) < convs and before.get("QLinearAdd", 0) == 0
+    assert after.get("QLinearConv") == convs and after.get("QLinearAdd") == residual_adds
+    assert after.get("Conv", 0) + after.get("FusedConv", 0) == 0 and after.get("Add", 0) == 0
+    assert summary["extra_qdq"]["first_layer_inputs"] == 1
+
+
+def test_integer_qdq_output_quantizer_is_fake_quant_of_the_conv_output(small_teacher, one_thread):
+    """An observed conv-output point: grid from the min/max of the student's conv output, DQ(Q(y)) = fake-quant."""
+    from onnx import numpy_helper
+
+    from zeroshot_kd.quant.modules import QuantConv2d
+
+    student = student_of(small_teacher, QuantConfig(8, 8)).student
+    x = grid_images()
+    data, _ = onnx_bytes(student, range_inputs=x)
+    proto = onnx.load_from_string(data)
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    # the first observed (new-grid) point in graph order that is a conv output
+    q = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.name.startswith("zkd_qdq.")
+             and n.input[1] in inits and producer.get(n.input[0]) is not None
+             and producer[n.input[0]].op_type == "Conv")
+    s, z = float(inits[q.input[1]]), int(inits[q.input[2]])
+    dq = next(n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0])
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(dq.output[0], onnx.TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess_out = ort.InferenceSession(proto.SerializeToString(), sess_options=opts,
+                                    providers=["CPUExecutionProvider"]).run([dq.output[0]], {"input": x.numpy()})[0]
+    outs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: outs.append(o.detach().numpy()))
+             for m in student.modules() if isinstance(m, QuantConv2d)]
+    with torch.no_grad():
+        student(x)
+    for h in hooks:
+        h.remove()
+    best = None
+    for y in outs:
+        if y.shape != sess_out.shape:
+            continue
+        lo, hi = min(y.min(), 0.0), max(y.max(), 0.0)
+        if not np.isclose(s, (hi - lo) / 255, rtol=1e-4):
+            continue
+        fq = (np.clip(np.round(y / s) + z, 0, 255) - z) * s
+        err = np.abs(sess_out - fq).max()
+        best = err if best is None else min(best, err)
+    assert best is not None, "no student conv output has the point's observed range"
+    assert best <= s * (1 + 1e-3)
+
+
+def test_integer_qdq_skipped_below_8_bit_activations(small_teacher, one_thread):
+    """ORT has no integer kernels for A4: the export with ranges is byte-identical to the student-only one."""
+    student = student_of(small_teacher, QuantConfig(4, 4)).student
+    plain, _ = onnx_bytes(student)
+    data, summary = onnx_bytes(student, range_inputs=grid_images())
+    assert data == plain and "extra_qdq" not in summary
+
+
 def test_fp32_export_matches_the_float_model(small_teacher, one_thread, tmp_path):
     model = small_teacher.model
     out = tmp_path / "fp32.onnx"

@@ -66,7 +66,8 @@ def check_images(source: str, spec: InputSpec, num_images: int) -> torch.Tensor:
 def export_onnx(model: nn.Module, out: str | os.PathLike | None, spec: InputSpec | None = None,
                 check_inputs: torch.Tensor | None = None, min_agreement: float = DEFAULT_MIN_AGREEMENT,
                 info: dict[str, Any] | None = None, opset: int | None = None,
-                threads: int | None = None) -> ExportResult:
+                threads: int | None = None, integer_qdq: bool = True,
+                range_inputs: torch.Tensor | None = None) -> ExportResult:
     """Export a zkd student as a QDQ ONNX graph (or a float model as a plain one), checked in ONNX Runtime.
 
     Args:
@@ -79,6 +80,10 @@ def export_onnx(model: nn.Module, out: str | os.PathLike | None, spec: InputSpec
         info: extra metadata stored as ``zkd_<key>`` in the file.
         opset: ONNX opset (see :func:`zeroshot_kd.export.onnx.onnx_bytes`).
         threads: ONNX Runtime intra-op threads for the check.
+        integer_qdq: add the export-only 8-bit QDQ (conv outputs, residual Adds, first-layer input; see
+            :mod:`zeroshot_kd.export.integer`) that lets ONNX Runtime run W8A8 convs and Adds as integer kernels;
+            needs ``range_inputs`` or ``check_inputs``. False: exactly the student's quantizers.
+        range_inputs: images whose ranges set the extra quantizers [default: ``check_inputs``].
 
     Returns:
         An :class:`ExportResult`.
@@ -87,7 +92,10 @@ def export_onnx(model: nn.Module, out: str | os.PathLike | None, spec: InputSpec
         ZkdError: missing onnx/onnxruntime, a module the export cannot represent, ORT rejecting the graph, or an
             agreement below ``min_agreement`` (then ``out`` is not written).
     """
-    data, summary = onnx_bytes(model, spec, info, opset)
+    ranges = None
+    if integer_qdq:
+        ranges = range_inputs if range_inputs is not None else check_inputs
+    data, summary = onnx_bytes(model, spec, info, opset, range_inputs=ranges)
     try:
         session = ort_session(data, threads)
     except Exception as e:
@@ -100,7 +108,8 @@ def export_onnx(model: nn.Module, out: str | os.PathLike | None, spec: InputSpec
         if check["agreement"] < min_agreement:
             raise ZkdError(f"ONNX Runtime agrees with PyTorch on {check['agreement']:.2f}% of {check['images']} "
                            f"images (max logit difference {check['max_logit_diff']:.3g}), below --min-agreement "
-                           f"{min_agreement:g}%; nothing written")
+                           f"{min_agreement:g}%; nothing written"
+                       + ("; try --student-qdq (no extra 8-bit QDQ)" if summary.get("extra_qdq") else ""))
     ops = optimized_op_counts(data, threads or 1)
     if out is not None:
         atomic_write_bytes(out, data)

@@ -26,6 +26,10 @@ which computes what the fake-quant layer computes (zeroshot_kd.quant.modules):
 * layers whose input is not quantized (the first layer under the default ``keep_8bit`` convention) get only the
   weight DequantizeLinear; BatchNorm stays folded (or stays a BatchNormalization node if the student kept it);
   residual additions, pooling and logits stay float, as in the student.
+* with ``range_inputs`` (what ``zkd export`` does by default), a student whose activations are all 8-bit and
+  whose weights are int8 codes (5..8 bits) gets extra, export-only 8-bit QDQ at conv outputs, residual Adds and
+  the first layer's input (:mod:`zeroshot_kd.export.integer`), so that ONNX Runtime runs every conv as
+  QLinearConv and every residual Add as QLinearAdd instead of leaving them float.
 
 The graph is traced with PyTorch's TorchScript-based exporter (``dynamo=False``: it needs no onnxscript and works
 offline); the QDQ nodes come from the ``symbolic`` methods of two autograd functions whose forward is the
@@ -136,9 +140,20 @@ class _ExportLayer(nn.Module):
                 self.a_qmax = int(aq.qmax)
                 self.register_buffer("a_scale", aq.scale.detach().float().reshape(()).clone())
                 self.register_buffer("a_zero_point", aq.zero_point.detach().reshape(()).to(torch.uint8))
-            # integer kernels only for W8A8 layers; elsewhere the bias is a separate float Add (module docstring)
-            self.split_bias = self.bias is not None and not (
-                self.w_quantized and self.w_bits == 8 and self.a_quantized and self.a_qmax == 255)
+            self.input_qdq_extra = False
+            self._set_split_bias()
+
+    def _set_split_bias(self) -> None:
+        # integer kernels only for W8A8 layers; elsewhere the bias is a separate float Add (module docstring)
+        self.split_bias = self.bias is not None and not (
+            self.w_quantized and self.w_bits == 8 and self.a_quantized and self.a_qmax == 255)
+
+    def set_input_grid(self, scale: float, zero_point: int) -> None:
+        """Give a layer without an input quantizer an export-only uint8 one (see ``zeroshot_kd.export.integer``)."""
+        self.a_quantized, self.a_qmax, self.input_qdq_extra = True, 255, True
+        self.register_buffer("a_scale", torch.tensor(scale, dtype=torch.float32))
+        self.register_buffer("a_zero_point", torch.tensor(zero_point, dtype=torch.uint8))
+        self._set_split_bias()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.a_quantized:
@@ -254,8 +269,39 @@ def _to_int4(onnx: Any, model: Any, layers: dict[str, _ExportLayer]) -> list[str
     return done
 
 
+def _op_counts(proto: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for n in proto.graph.node:
+        out[n.op_type] = out.get(n.op_type, 0) + 1
+    return out
+
+
+@torch.no_grad()
+def _quantize_model_inputs(net: nn.Module, layers: dict[str, _ExportLayer], inputs: torch.Tensor) -> None:
+    """Export-only 8-bit input quantizers for 8-bit-weight layers that read the (float) model input."""
+    from .integer import input_grid
+
+    x = inputs[:1].detach().cpu().float()
+    readers: list[_ExportLayer] = []
+
+    def hook(mod: nn.Module, args: tuple) -> None:
+        if args and args[0] is x:
+            readers.append(mod)  # type: ignore[arg-type]
+
+    handles = [lay.register_forward_pre_hook(hook) for lay in layers.values()
+               if not lay.a_quantized and lay.w_quantized and lay.w_bits == 8]
+    try:
+        net(x)
+    finally:
+        for h in handles:
+            h.remove()
+    scale, zp = input_grid(inputs)
+    for lay in readers:
+        lay.set_input_grid(scale, zp)
+
+
 def onnx_bytes(model: nn.Module, spec: InputSpec | None = None, info: dict[str, Any] | None = None,
-               opset: int | None = None) -> tuple[bytes, dict[str, Any]]:
+               opset: int | None = None, range_inputs: torch.Tensor | None = None) -> tuple[bytes, dict[str, Any]]:
     """Serialize ``model`` (a zkd student, or any float classifier) as an ONNX graph.
 
     Args:
@@ -264,6 +310,10 @@ def onnx_bytes(model: nn.Module, spec: InputSpec | None = None, info: dict[str, 
         spec: its input spec [default: ``model.zkd_spec``]; required for float models without one.
         info: extra ``zkd_*`` metadata (e.g. the teacher's provenance).
         opset: ONNX opset [default: 17, or 21 when 2..4-bit weights are stored as int4].
+        range_inputs: normalized images; when given (and the model is a student), the graph gets the extra 8-bit
+            QDQ of :mod:`zeroshot_kd.export.integer` (ranges observed on these images) so ONNX Runtime runs W8A8
+            convs and residual Adds as integer kernels; None exports exactly the student's quantizers. Ignored
+            (no extra QDQ) for students with activations below 8 bits or int4 weights, which ORT runs in float.
 
     Returns:
         (the model bytes, a summary: opset, quantized layer count, weight storage types per bit width).
@@ -280,6 +330,14 @@ def onnx_bytes(model: nn.Module, spec: InputSpec | None = None, info: dict[str, 
     layers: dict[str, _ExportLayer] = {}
     if quantized:
         net, layers = export_module(model)
+        # ORT has integer kernels only for 8-bit activations and int8 weight codes: elsewhere the extra QDQ
+        # would cost accuracy for no speed
+        if range_inputs is not None and not all((not lay.a_quantized or lay.a_qmax == 255)
+                                                and (not lay.w_quantized or lay.w_bits >= 5)
+                                                for lay in layers.values()):
+            range_inputs = None
+        if range_inputs is not None:
+            _quantize_model_inputs(net, layers, range_inputs)
     else:
         net = copy.deepcopy(model).cpu().eval().requires_grad_(False)
     int4 = any(lay.w_quantized and lay.w_bits <= 4 for lay in layers.values())
@@ -301,6 +359,14 @@ def onnx_bytes(model: nn.Module, spec: InputSpec | None = None, info: dict[str, 
         raise ZkdError(f"torch.onnx.export failed ({type(e).__name__}: {first[:300]}); the model uses an "
                        "operator ONNX export does not support -- replace that module") from None
     proto = onnx.load_from_string(buf.getvalue())
+    extra = None
+    if quantized and range_inputs is not None:
+        from .integer import add_integer_qdq
+
+        before = _op_counts(proto)
+        extra = add_integer_qdq(proto, range_inputs.detach().cpu())
+        extra["first_layer_inputs"] = sum(lay.input_qdq_extra for lay in layers.values())
+        extra["ops_before"], extra["ops_after"] = before, _op_counts(proto)
     converted = _to_int4(onnx, proto, layers) if int4 else []
     types: dict[str, str] = {}
     for name, lay in layers.items():
@@ -312,7 +378,9 @@ def onnx_bytes(model: nn.Module, spec: InputSpec | None = None, info: dict[str, 
             t = "int8" if lay.w_signed else "uint8"
         types.setdefault(f"W{lay.w_bits}", t)
     summary = {"opset": opset, "quantized_layers": len(layers), "weight_types": types,
-               "act_quantized_layers": sum(lay.a_quantized for lay in layers.values())}
+               "act_quantized_layers": sum(lay.a_quantized and not lay.input_qdq_extra for lay in layers.values())}
+    if extra is not None:
+        summary["extra_qdq"] = {k: v for k, v in extra.items() if not k.startswith("ops_")}
     meta = {"zkd_format": METADATA_FORMAT, "zkd_input_spec": json.dumps(spec.to_dict()),
             "zkd_kind": "student-qdq" if quantized else "fp32", "zkd_summary": json.dumps(summary)}
     zinfo = getattr(model, "zkd_info", None) or {}
