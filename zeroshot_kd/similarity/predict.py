@@ -33,8 +33,9 @@ SCORE_FORMS: dict[str, str] = {
     "symmetric-max": "symmetric of the worst layer",
 }
 
-# The form that ranks calibration sets. In bench/results/calibration_quality.md it has the best worst case over both
-# teachers and both settings (W3A3, W4A4 all layers) of the Spearman correlation with the students' top-1: what
+# The form that ranks calibration sets. In bench/results/calibration_quality.md it ties with bns-max (-0.26 vs -0.27)
+# for the best worst case over both teachers and both settings (W3A3, W4A4 all layers) of the Spearman correlation
+# with the students' top-1 and is better in the other cells (and, as an average, less noisy than a maximum): what
 # the deep layers (the class-specific features that decide the logits) see matters for calibration more than
 # pixel-level statistics of the first layers, which noise, inverted or rotated images disturb most.
 PREDICTOR = "bns-last"
