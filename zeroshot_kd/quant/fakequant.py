@@ -14,6 +14,10 @@ Backward (when gradients are needed):
 
 A weight quantizer can also run AdaRound (Nagel et al., 2020): ``q = clamp(floor(w / s) + h(V) + z, ...)`` with the
 rectified sigmoid ``h``; :meth:`FakeQuantizer.finish_adaround` turns the learned rounding into fixed codes.
+
+GENIE-M (Jeon et al., 2023) learns the per-channel weight step jointly with the rounding: the integer base
+``B = floor(w / s0)`` is fixed at the start step ``s0`` and ``w_hat = (clamp(B + h(V) + z, q_min, q_max) - z) * s``
+with ``s`` learnable, so ``d w_hat / d s = clamp(B + h(V) + z) - z`` (the soft code; exact, no STE involved).
 """
 
 from __future__ import annotations
@@ -145,6 +149,7 @@ class FakeQuantizer(nn.Module):
         self.drop_generator: torch.Generator | None = None
         self.adaround: nn.Parameter | None = None
         self.adaround_soft = True
+        self.adaround_base: torch.Tensor | None = None  # GENIE-M: floor(w / s0), fixed while s is learned
 
     def extra_repr(self) -> str:
         gran = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
@@ -185,7 +190,8 @@ class FakeQuantizer(nn.Module):
             xf = x.detach().float()
             s, z = self._shaped(self.scale.detach(), xf), self._shaped(self.zero_point, xf)
             if self.adaround is not None:
-                return torch.clamp(torch.floor(xf * (1.0 / s)) + (self.adaround >= 0).float() + z, self.qmin, self.qmax)
+                base = self.adaround_base if self.adaround_base is not None else torch.floor(xf * (1.0 / s))
+                return torch.clamp(base + (self.adaround >= 0).float() + z, self.qmin, self.qmax)
             return torch.clamp(torch.round(xf * (1.0 / s)) + z, self.qmin, self.qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,13 +200,14 @@ class FakeQuantizer(nn.Module):
         xf = x.float()
         s, z = self.scale, self.zero_point
         need_grad = torch.is_grad_enabled() and (xf.requires_grad or s.requires_grad or self.adaround is not None)
-        if need_grad and s.requires_grad:
-            s = grad_scale(s, self.grad_factor(xf))
+        if need_grad and s.requires_grad and self.adaround is None:
+            s = grad_scale(s, self.grad_factor(xf))  # LSQ; GENIE-M's weight step takes its plain gradient
         s, z = self._shaped(s, xf), self._shaped(z, xf)
         inv = 1.0 / s
         if self.adaround is not None:
             h = rectified_sigmoid(self.adaround) if self.adaround_soft else (self.adaround >= 0).to(xf.dtype)
-            q = clamp_ste(torch.floor(xf.detach() * inv.detach()) + h + z, self.qmin, self.qmax)
+            base = self.adaround_base if self.adaround_base is not None else torch.floor(xf.detach() * inv.detach())
+            q = clamp_ste(base + h + z, self.qmin, self.qmax)
         elif need_grad:
             q = clamp_ste(round_ste(xf * inv) + z, self.qmin, self.qmax)
         else:
@@ -212,15 +219,24 @@ class FakeQuantizer(nn.Module):
         return out.to(x.dtype)
 
     # -- AdaRound ---------------------------------------------------------------------------------------------
-    def start_adaround(self, w: torch.Tensor) -> None:
-        """Initialize learned rounding so that ``h(V) = frac(w / s)`` (the soft start of AdaRound)."""
+    def start_adaround(self, w: torch.Tensor, learn_scale: bool = False) -> None:
+        """Initialize learned rounding so that ``h(V) = frac(w / s)`` (the soft start of AdaRound).
+
+        Args:
+            w: the layer's weight.
+            learn_scale: GENIE-M: fix the integer base ``floor(w / s)`` at the current step and make the step
+                size a trainable parameter (the caller puts it in an optimizer); plain AdaRound otherwise.
+        """
         with torch.no_grad():
             s = self._shaped(self.scale.detach(), w)
             y = w.detach().float() * (1.0 / s)
-            frac = (y - torch.floor(y)).clamp(1e-4, 1 - 1e-4)
+            base = torch.floor(y)
+            frac = (y - base).clamp(1e-4, 1 - 1e-4)
             v = -torch.log((ADAROUND_ZETA - ADAROUND_GAMMA) / (frac - ADAROUND_GAMMA) - 1)
         self.adaround = nn.Parameter(v)
         self.adaround_soft = True
+        self.adaround_base = base if learn_scale else None
+        self.scale.requires_grad_(learn_scale)
 
     def adaround_reg(self, beta: float) -> torch.Tensor:
         """AdaRound's rounding regularizer ``sum(1 - |2 h(V) - 1|^beta)``."""
@@ -237,3 +253,5 @@ class FakeQuantizer(nn.Module):
             s, z = self._shaped(self.scale.detach(), weight), self._shaped(self.zero_point, weight)
             weight.copy_(((q - z) * s).to(weight.dtype))
         self.adaround = None
+        self.adaround_base = None
+        self.scale.requires_grad_(False)
