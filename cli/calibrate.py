@@ -89,6 +89,9 @@ bits_type = int  # validated below, so a bad value gets zkd's one-line error
 @click.option("--recon-drop", type=click.FloatRange(0, 1, min_open=True), default=0.5,
               help="QDrop probability of using the quantized value (1 = BRECQ, no dropping).")
 @click.option("--recon-lambda", type=click.FloatRange(min=0), default=0.01, help="AdaRound rounding-loss weight.")
+@click.option("--recon-mode", type=click.Choice(["qdrop", "genie"]), default="qdrop", show_default=True,
+              help="qdrop: AdaRound at the calibrated weight steps + LSQ activation steps, QDrop; genie: GENIE-M, "
+              "also learns the per-channel weight steps jointly with the rounding.")
 @click.option("--recon-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3,
               help="Adam learning rate of the AdaRound rounding variables.")
 @click.option("--finetune-steps", type=click.IntRange(min=0), default=0,

@@ -68,6 +68,54 @@ class _GradScale(torch.autograd.Function):
         return g * ctx.factor, None
 
 
+class _FakeQuantLSQ(torch.autograd.Function):
+    """Fake quantization with the clipped STE and LSQ's step gradient (and QDrop's keep mask) in one node.
+
+    Forward is the plain definition (``clamp(round(x * (1 / s)) + z) - z) * s``, then ``where(keep, x_hat, x)``),
+    bit-identical to the no-gradient path. Backward, from two tensors saved in the forward:
+    ``d/dx = keep * inside + (1 - keep)`` and ``d/ds = factor * sum(g * keep * ((q_c - z) - inside * x / s))`` over
+    each scale's elements. One node instead of a chain of ``where``/``clamp``/``round`` nodes: the reconstruction
+    step's forward+backward on CPU is dominated by these element-wise passes.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, qmin: int,  # type: ignore[override]
+                qmax: int, factor: float, keep: torch.Tensor | None) -> torch.Tensor:
+        y = x * (1.0 / s)
+        q = torch.round(y)
+        if z is not None:
+            q.add_(z)
+        qc = torch.clamp(q, qmin, qmax)
+        inside = qc == q
+        if z is not None:
+            qc.sub_(z)
+        out = qc * s
+        need_s = ctx.needs_input_grad[1]
+        ds = qc.sub_(y.mul_(inside)) if need_s else None  # (q_c - z) - inside * x / s; y and qc are not needed after
+        if keep is not None:
+            out = torch.where(keep, out, x)
+            inside.logical_or_(~keep)
+            if ds is not None:
+                ds.mul_(keep)
+        ctx.save_for_backward(inside, ds if ds is not None else torch.empty(0), s)
+        ctx.factor, ctx.need_s = factor, need_s
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        gx, ds, s = ctx.saved_tensors
+        grad_x = g * gx if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.need_s:
+            prod = g * ds
+            if s.dim() == 0:
+                grad_s = prod.sum() * ctx.factor
+            else:
+                dims = [d for d in range(prod.dim()) if s.shape[d] == 1]
+                grad_s = prod.sum(dims, keepdim=True) * ctx.factor
+        return grad_x, grad_s, None, None, None, None, None
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round half to even in the forward pass, pass the gradient through unchanged."""
     return _RoundSTE.apply(x)
@@ -200,6 +248,13 @@ class FakeQuantizer(nn.Module):
         xf = x.float()
         s, z = self.scale, self.zero_point
         need_grad = torch.is_grad_enabled() and (xf.requires_grad or s.requires_grad or self.adaround is not None)
+        if need_grad and self.adaround is None:
+            keep = (torch.rand(xf.shape, generator=self.drop_generator, device=xf.device) >= self.drop_prob
+                    if self.drop_prob > 0 else None)
+            factor = self.grad_factor(xf) if s.requires_grad else 1.0
+            out = _FakeQuantLSQ.apply(xf, self._shaped(s, xf), self._shaped(z, xf), self.qmin, self.qmax, factor,
+                                      keep)
+            return out.to(x.dtype)
         if need_grad and s.requires_grad and self.adaround is None:
             s = grad_scale(s, self.grad_factor(xf))  # LSQ; GENIE-M's weight step takes its plain gradient
         s, z = self._shaped(s, xf), self._shaped(z, xf)

@@ -36,7 +36,7 @@ from .finetune import DEFAULT_TEMPERATURE, finetune, finetune_objectives
 from .fold import fold_bn
 from .modules import LayerConfig, QuantConfig, check_supported, quantize_model
 from .ranges import NEW_ACT_METHODS, calibrate_act_ranges
-from .recon import ReconConfig, reconstruct
+from .recon import RECON_MODES, ReconConfig, reconstruct
 from .equalize import EQUALIZE_CRITERIA, RELU6_MODES, correct_bias, equalize
 from .mixed import choose_bits
 from .report import CALIBRATION_SET_AGREEMENT, global_metrics, layer_report
@@ -66,6 +66,7 @@ class CalibrationOptions:
     recon_drop: float = 0.5
     recon_lambda: float = 0.01
     recon_lr: float = 1e-3
+    recon_mode: str = "qdrop"
     equalize: bool | None = None
     relu6: str = "clip"
     equalize_criterion: str = "weight"
@@ -95,6 +96,8 @@ class CalibrationOptions:
                     f"unknown --a-method {self.a_method!r}; use one of {', '.join(NEW_ACT_METHODS + ACT_METHODS)}"),
                    (self.equalize_criterion in EQUALIZE_CRITERIA,
                     f"unknown --equalize-criterion {self.equalize_criterion!r}; use activation or weight"),
+                   (self.recon_mode in RECON_MODES,
+                    f"unknown --recon-mode {self.recon_mode!r}; use one of {', '.join(RECON_MODES)}"),
                    (self.relu6 in RELU6_MODES, f"unknown --relu6 {self.relu6!r}; use one of {', '.join(RELU6_MODES)}"),
                    (self.size_budget is None or self.mixed_precision, "--size-budget needs --mixed-precision")]
         for ok, msg in checks:
@@ -214,7 +217,7 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
     if opts.recon and opts.recon_iters > 0:
         t = time.perf_counter()
         rcfg = ReconConfig(iters=opts.recon_iters, batch_size=opts.batch_size, drop_prob=opts.recon_drop,
-                           reg=opts.recon_lambda, lr_round=opts.recon_lr)
+                           reg=opts.recon_lambda, lr_round=opts.recon_lr, mode=opts.recon_mode)
         recon_hist = reconstruct(student, fp_model, _batches(cal_x[: opts.recon_images or n_cal], 128), device,
                                  rcfg, seed=opts.seed, progress=opts.progress)
         timing["reconstruction"] = time.perf_counter() - t
