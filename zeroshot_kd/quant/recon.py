@@ -36,6 +36,7 @@ from tqdm import tqdm
 from ..capture import Capture, CaptureError
 from ..errors import ZkdError
 from ..runtime import batch_generator, batch_seed
+from .fakequant import SCALE_EPS
 from .modules import QUANT_TYPES, quant_layers
 
 __all__ = ["RECON_MODES", "ReconConfig", "find_blocks", "reconstruct"]
@@ -265,16 +266,21 @@ def reconstruct(student: nn.Module, fp_model: nn.Module, inputs: Sequence[torch.
                 layer.aq.scale.requires_grad_(True)
                 layer.aq.drop_prob = 1.0 - cfg.drop_prob if 0 < cfg.drop_prob < 1 else 0.0
                 layer.aq.drop_generator = drop_gen
-        v_params = [layer.wq.adaround for layer in layers]
-        groups = [{"params": [l.aq.scale for l in layers if l.aq is not None], "lr": cfg.lr_scale}]
+        # One Adam (foreach) over three groups: rounding variables at a constant rate, activation and (genie)
+        # weight steps cosine-decayed; one optimizer step and one scheduler step per iteration.
+        groups = [{"params": [layer.wq.adaround for layer in layers], "lr": cfg.lr_round}]
+        decayed = [{"params": [l.aq.scale for l in layers if l.aq is not None], "lr": cfg.lr_scale}]
         if genie:
-            groups.append({"params": [l.wq.scale for l in layers], "lr": cfg.lr_w_scale})
-        groups = [g for g in groups if g["params"]]
-        opt_v = torch.optim.Adam(v_params, lr=cfg.lr_round)
-        opt_s = torch.optim.Adam(groups) if groups else None
-        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=max(cfg.iters, 1), eta_min=0.0)
-                 if opt_s else None)
-        quantizers = [l.aq for l in layers if l.aq is not None] + ([l.wq for l in layers] if genie else [])
+            decayed.append({"params": [l.wq.scale for l in layers], "lr": cfg.lr_w_scale})
+        groups += [g for g in decayed if g["params"]]
+        opt = torch.optim.Adam(groups, foreach=True)
+        total = max(cfg.iters, 1)
+
+        def cosine(step: int) -> float:
+            return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda _: 1.0] + [cosine] * (len(groups) - 1))
+        scales = [p for g in groups[1:] for p in g["params"]]
         bs = min(cfg.batch_size, n)
         mix = 0 < cfg.drop_prob < 1
         timing: dict = {}
@@ -302,16 +308,13 @@ def reconstruct(student: nn.Module, fp_model: nn.Module, inputs: Sequence[torch.
                 rel = (t - warm) / max(cfg.iters - warm, 1)
                 beta = cfg.beta[1] + (cfg.beta[0] - cfg.beta[1]) * (1 - rel)
                 loss = loss + cfg.reg * sum(layer.wq.adaround_reg(beta) for layer in layers)
-            opt_v.zero_grad(set_to_none=True)
-            if opt_s is not None:
-                opt_s.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt_v.step()
-            if opt_s is not None:
-                opt_s.step()
-                sched.step()
-                for fq in quantizers:
-                    fq.clamp_scale_()
+            opt.step()
+            sched.step()
+            if scales:
+                with torch.no_grad():
+                    torch._foreach_clamp_min_(scales, SCALE_EPS)  # keep step sizes positive, one call
             bar.update(1)
         _sync(device)
         seconds = time.perf_counter() - t0
