@@ -72,11 +72,16 @@ def ptq(teacher: Any, tname: str, source: str, n: int) -> tuple[Any, torch.Tenso
     return res, cal_x, seconds
 
 
-def cell(key_d: dict, fn) -> dict:
+CACHED_ONLY = False  # --cached-only: render the tables from cached cells, run nothing
+
+
+def cell(key_d: dict, fn) -> dict | None:
     key = hashlib.sha256(json.dumps(key_d, sort_keys=True).encode()).hexdigest()[:16]
     path = CACHE / "recon" / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
+    if CACHED_ONLY:
+        return None
     out = {**key_d, **fn()}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, out)
@@ -154,7 +159,10 @@ def main() -> None:
     ap.add_argument("--floor-reps", type=int, default=10)
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--no-acc", action="store_true", help="only the speed table (and PTQ rows)")
+    ap.add_argument("--cached-only", action="store_true", help="render from cached cells only (partial runs)")
     args = ap.parse_args()
+    global CACHED_ONLY
+    CACHED_ONLY = args.cached_only
     torch.set_num_threads(1)
     rows_speed: list[dict] = []
     rows_acc: list[dict] = []
@@ -190,13 +198,16 @@ def main() -> None:
                 ev = evaluate_model(res.student, test_ds, CPU, teacher=teacher.model, progress=False)
                 return {"top1": ev["top1"], "ptq_s": secs}
 
-            ptq_rows[(tname, source)] = cell({**common(tname, source), "what": "ptq"}, ptq_cell)
+            row = cell({**common(tname, source), "what": "ptq"}, ptq_cell)
+            if row is not None:
+                ptq_rows[(tname, source)] = row
         if not args.no_speed:
             source = args.sources[0]
             spd = cell({**common(tname, source), "what": "speed", "code": SPEED_CODE, "iters": args.speed_iters, "reps": args.floor_reps},
                        lambda: run_recon(*get_base(tname, source)[:2], "qdrop", args.speed_iters, test_ds, teacher,
                                          time_floor=args.floor_reps))
-            rows_speed.append(spd)
+            if spd is not None:
+                rows_speed.append(spd)
             render(rows_speed, rows_acc, fp, ptq_rows, args)
     for it in [] if args.no_acc else args.iters:  # cheapest budgets first: a partial run still fills whole columns
         for tname in active:
@@ -205,6 +216,8 @@ def main() -> None:
                 for m in args.modes:
                     r = cell({**common(tname, source), "what": "acc", "mode": m, "iters": it},
                              lambda: run_recon(*get_base(tname, source)[:2], m, it, test_ds, teacher))
+                    if r is None:
+                        continue
                     r.update(mode=m, iters=it)
                     rows_acc.append(r)
                     print(f"[recon] {tname} {source} {m} {it}: top1 {r['top1']:.2f} ({r['recon_s']:.0f}s)",
