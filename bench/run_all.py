@@ -18,6 +18,8 @@ ORDER = [
     ["bench_objectives.py"],
     # issue 11: W4A4 / W3A3 / all-layers W4A4 for both teachers, new ranges, CLE/BC, recon, mixed precision
     ["bench_lowbit.py"],
+    # issue 11: reconstruction cost per step against its floor, accuracy vs iterations, qdrop vs genie
+    ["bench_recon.py"],
     # issue 13: packed student sizes, ONNX QDQ latency and top-1 in ONNX Runtime
     ["bench_export.py"],
     # issue 12: TAKD chains, Active Mixup with a black-box teacher, no-skip students (about 20 min)

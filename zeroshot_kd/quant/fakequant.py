@@ -14,6 +14,10 @@ Backward (when gradients are needed):
 
 A weight quantizer can also run AdaRound (Nagel et al., 2020): ``q = clamp(floor(w / s) + h(V) + z, ...)`` with the
 rectified sigmoid ``h``; :meth:`FakeQuantizer.finish_adaround` turns the learned rounding into fixed codes.
+
+GENIE-M (Jeon et al., 2023) learns the per-channel weight step jointly with the rounding: the integer base
+``B = floor(w / s0)`` is fixed at the start step ``s0`` and ``w_hat = (clamp(B + h(V) + z, q_min, q_max) - z) * s``
+with ``s`` learnable, so ``d w_hat / d s = clamp(B + h(V) + z) - z`` (the soft code; exact, no STE involved).
 """
 
 from __future__ import annotations
@@ -62,6 +66,54 @@ class _GradScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         return g * ctx.factor, None
+
+
+class _FakeQuantLSQ(torch.autograd.Function):
+    """Fake quantization with the clipped STE and LSQ's step gradient (and QDrop's keep mask) in one node.
+
+    Forward is the plain definition (``clamp(round(x * (1 / s)) + z) - z) * s``, then ``where(keep, x_hat, x)``),
+    bit-identical to the no-gradient path. Backward, from two tensors saved in the forward:
+    ``d/dx = keep * inside + (1 - keep)`` and ``d/ds = factor * sum(g * keep * ((q_c - z) - inside * x / s))`` over
+    each scale's elements. One node instead of a chain of ``where``/``clamp``/``round`` nodes: the reconstruction
+    step's forward+backward on CPU is dominated by these element-wise passes.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, qmin: int,  # type: ignore[override]
+                qmax: int, factor: float, keep: torch.Tensor | None) -> torch.Tensor:
+        y = x * (1.0 / s)
+        q = torch.round(y)
+        if z is not None:
+            q.add_(z)
+        qc = torch.clamp(q, qmin, qmax)
+        inside = qc == q
+        if z is not None:
+            qc.sub_(z)
+        out = qc * s
+        need_s = ctx.needs_input_grad[1]
+        ds = qc.sub_(y.mul_(inside)) if need_s else None  # (q_c - z) - inside * x / s; y and qc are not needed after
+        if keep is not None:
+            out = torch.where(keep, out, x)
+            inside.logical_or_(~keep)
+            if ds is not None:
+                ds.mul_(keep)
+        ctx.save_for_backward(inside, ds if ds is not None else torch.empty(0), s)
+        ctx.factor, ctx.need_s = factor, need_s
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        gx, ds, s = ctx.saved_tensors
+        grad_x = g * gx if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.need_s:
+            prod = g * ds
+            if s.dim() == 0:
+                grad_s = prod.sum() * ctx.factor
+            else:
+                dims = [d for d in range(prod.dim()) if s.shape[d] == 1]
+                grad_s = prod.sum(dims, keepdim=True) * ctx.factor
+        return grad_x, grad_s, None, None, None, None, None
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -145,6 +197,7 @@ class FakeQuantizer(nn.Module):
         self.drop_generator: torch.Generator | None = None
         self.adaround: nn.Parameter | None = None
         self.adaround_soft = True
+        self.adaround_base: torch.Tensor | None = None  # GENIE-M: floor(w / s0), fixed while s is learned
 
     def extra_repr(self) -> str:
         gran = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
@@ -185,7 +238,8 @@ class FakeQuantizer(nn.Module):
             xf = x.detach().float()
             s, z = self._shaped(self.scale.detach(), xf), self._shaped(self.zero_point, xf)
             if self.adaround is not None:
-                return torch.clamp(torch.floor(xf * (1.0 / s)) + (self.adaround >= 0).float() + z, self.qmin, self.qmax)
+                base = self.adaround_base if self.adaround_base is not None else torch.floor(xf * (1.0 / s))
+                return torch.clamp(base + (self.adaround >= 0).float() + z, self.qmin, self.qmax)
             return torch.clamp(torch.round(xf * (1.0 / s)) + z, self.qmin, self.qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,13 +248,21 @@ class FakeQuantizer(nn.Module):
         xf = x.float()
         s, z = self.scale, self.zero_point
         need_grad = torch.is_grad_enabled() and (xf.requires_grad or s.requires_grad or self.adaround is not None)
-        if need_grad and s.requires_grad:
-            s = grad_scale(s, self.grad_factor(xf))
+        if need_grad and self.adaround is None:
+            keep = (torch.rand(xf.shape, generator=self.drop_generator, device=xf.device) >= self.drop_prob
+                    if self.drop_prob > 0 else None)
+            factor = self.grad_factor(xf) if s.requires_grad else 1.0
+            out = _FakeQuantLSQ.apply(xf, self._shaped(s, xf), self._shaped(z, xf), self.qmin, self.qmax, factor,
+                                      keep)
+            return out.to(x.dtype)
+        if need_grad and s.requires_grad and self.adaround is None:
+            s = grad_scale(s, self.grad_factor(xf))  # LSQ; GENIE-M's weight step takes its plain gradient
         s, z = self._shaped(s, xf), self._shaped(z, xf)
         inv = 1.0 / s
         if self.adaround is not None:
             h = rectified_sigmoid(self.adaround) if self.adaround_soft else (self.adaround >= 0).to(xf.dtype)
-            q = clamp_ste(torch.floor(xf.detach() * inv.detach()) + h + z, self.qmin, self.qmax)
+            base = self.adaround_base if self.adaround_base is not None else torch.floor(xf.detach() * inv.detach())
+            q = clamp_ste(base + h + z, self.qmin, self.qmax)
         elif need_grad:
             q = clamp_ste(round_ste(xf * inv) + z, self.qmin, self.qmax)
         else:
@@ -212,15 +274,24 @@ class FakeQuantizer(nn.Module):
         return out.to(x.dtype)
 
     # -- AdaRound ---------------------------------------------------------------------------------------------
-    def start_adaround(self, w: torch.Tensor) -> None:
-        """Initialize learned rounding so that ``h(V) = frac(w / s)`` (the soft start of AdaRound)."""
+    def start_adaround(self, w: torch.Tensor, learn_scale: bool = False) -> None:
+        """Initialize learned rounding so that ``h(V) = frac(w / s)`` (the soft start of AdaRound).
+
+        Args:
+            w: the layer's weight.
+            learn_scale: GENIE-M: fix the integer base ``floor(w / s)`` at the current step and make the step
+                size a trainable parameter (the caller puts it in an optimizer); plain AdaRound otherwise.
+        """
         with torch.no_grad():
             s = self._shaped(self.scale.detach(), w)
             y = w.detach().float() * (1.0 / s)
-            frac = (y - torch.floor(y)).clamp(1e-4, 1 - 1e-4)
+            base = torch.floor(y)
+            frac = (y - base).clamp(1e-4, 1 - 1e-4)
             v = -torch.log((ADAROUND_ZETA - ADAROUND_GAMMA) / (frac - ADAROUND_GAMMA) - 1)
         self.adaround = nn.Parameter(v)
         self.adaround_soft = True
+        self.adaround_base = base if learn_scale else None
+        self.scale.requires_grad_(learn_scale)
 
     def adaround_reg(self, beta: float) -> torch.Tensor:
         """AdaRound's rounding regularizer ``sum(1 - |2 h(V) - 1|^beta)``."""
@@ -237,3 +308,5 @@ class FakeQuantizer(nn.Module):
             s, z = self._shaped(self.scale.detach(), weight), self._shaped(self.zero_point, weight)
             weight.copy_(((q - z) * s).to(weight.dtype))
         self.adaround = None
+        self.adaround_base = None
+        self.scale.requires_grad_(False)

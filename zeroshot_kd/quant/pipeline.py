@@ -38,7 +38,7 @@ from .finetune import DEFAULT_TEMPERATURE, finetune, finetune_objectives
 from .fold import fold_bn
 from .modules import LayerConfig, QuantConfig, check_supported, quantize_model
 from .ranges import NEW_ACT_METHODS, calibrate_act_ranges
-from .recon import ReconConfig, reconstruct
+from .recon import RECON_MODES, ReconConfig, reconstruct
 from .equalize import EQUALIZE_CRITERIA, RELU6_MODES, correct_bias, equalize
 from .mixed import choose_bits
 from .report import CALIBRATION_SET_AGREEMENT, global_metrics, layer_report
@@ -84,6 +84,9 @@ class CalibrationOptions(Config):
                                min=0, max=1, min_open=True)
     recon_lambda: float = option(0.01, "AdaRound rounding-loss weight.", min=0)
     recon_lr: float = option(1e-3, "Adam learning rate of the AdaRound rounding variables.", min=0, min_open=True)
+    recon_mode: str = option("qdrop", "qdrop: AdaRound at the calibrated weight steps + LSQ activation steps, "
+                             "QDrop; genie: GENIE-M, also learns the per-channel weight steps jointly with the "
+                             "rounding.", choices=RECON_MODES)
     equalize: bool | None = option(None, "Cross-layer equalization of consecutive conv pairs (DFQ) on the folded "
                                    "float copy before quantization [default: on with --keep-8bit none, else off].",
                                    kind="bool")
@@ -227,7 +230,7 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
     if opts.recon and opts.recon_iters > 0:
         t = time.perf_counter()
         rcfg = ReconConfig(iters=opts.recon_iters, batch_size=opts.batch_size, drop_prob=opts.recon_drop,
-                           reg=opts.recon_lambda, lr_round=opts.recon_lr)
+                           reg=opts.recon_lambda, lr_round=opts.recon_lr, mode=opts.recon_mode)
         recon_hist = reconstruct(student, fp_model, _batches(cal_x[: opts.recon_images or n_cal], 128), device,
                                  rcfg, seed=opts.seed, progress=opts.progress)
         timing["reconstruction"] = time.perf_counter() - t

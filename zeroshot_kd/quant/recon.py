@@ -14,7 +14,10 @@ blocks already reconstructed. Then, for ``iters`` steps on random minibatches:
   full-precision value with probability ``1 - p`` (QDrop, ``p = drop_prob``; ``p = 1`` is BRECQ);
 * loss ``||y_hat - y||^2`` (summed over channels, averaged over batch and positions)
   ``+ lambda * sum(1 - |2 h(V) - 1|^beta)`` after a 20% warm-up, beta decaying linearly 20 -> 2;
-* Adam on the rounding variables V (lr 1e-3) and on the block's activation step sizes (lr 4e-5, cosine).
+* Adam on the rounding variables V (lr 1e-3) and on the block's activation step sizes (lr 4e-5, cosine);
+* ``mode="genie"`` (GENIE-M, Jeon et al. 2023): the per-channel weight step sizes are learned too (lr 1e-4,
+  cosine), with the integer base ``floor(w / s0)`` fixed at the calibrated step (see
+  :mod:`~zeroshot_kd.quant.fakequant`); the learned steps are the layers' ``wq.scale`` and go into the student file.
 
 Finally rounding is made hard and written into the weights (``round(w / s)`` then reproduces the learned codes).
 """
@@ -22,6 +25,7 @@ Finally rounding is made hard and written into the weights (``round(w / s)`` the
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
@@ -33,18 +37,39 @@ from tqdm import tqdm
 from ..capture import Capture, CaptureError
 from ..config import Config, require
 from ..runtime import batch_generator, batch_seed
+from .fakequant import SCALE_EPS
 from .modules import QUANT_TYPES, quant_layers
 
-__all__ = ["ReconConfig", "find_blocks", "reconstruct"]
+__all__ = ["RECON_MODES", "ReconConfig", "find_blocks", "reconstruct"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 MAX_BLOCK_LAYERS = 8
 
 
+RECON_MODES = ("qdrop", "genie")
+
+
 @dataclass
 class ReconConfig(Config):
     """Hyper-parameters of :func:`reconstruct` (defaults follow QDrop except the iteration count); recorded in the
-    calibration report's settings (``reconstruction``)."""
+    calibration report's settings (``reconstruction``).
+
+    Args:
+        iters: optimizer steps per block.
+        batch_size: minibatch of cached block inputs per step.
+        drop_prob: QDrop's probability of using the quantized value (1 = BRECQ, no drop).
+        reg: weight of AdaRound's rounding regularizer.
+        beta: start and end of the regularizer's annealed exponent.
+        warmup: fraction of the steps without the regularizer.
+        lr_round: Adam learning rate of the rounding variables.
+        lr_scale: Adam learning rate (cosine-decayed) of the activation steps.
+        mode: ``"qdrop"`` (AdaRound at the calibrated weight steps + LSQ activations) or ``"genie"`` (GENIE-M:
+            the per-channel weight steps are learned too, jointly with the rounding).
+        lr_w_scale: Adam learning rate (cosine-decayed) of the weight steps in ``genie`` mode (Genie's 1e-4).
+        time_floor: if > 0, also time this many bare forward+backward passes of each block (the floor of one
+            step) and report the per-step cost against it (``step_s``, ``floor_s``, ``float_floor_s``); off by
+            default, as it costs those passes and two host syncs per block.
+    """
 
     config_name: ClassVar[str] = "reconstruction"
 
@@ -56,6 +81,9 @@ class ReconConfig(Config):
     warmup: float = 0.2
     lr_round: float = 1e-3
     lr_scale: float = 4e-5
+    mode: str = "qdrop"
+    lr_w_scale: float = 1e-4
+    time_floor: int = 0
 
     def __post_init__(self) -> None:
         self.beta = tuple(float(b) for b in self.beta)  # type: ignore[assignment]
@@ -67,7 +95,11 @@ class ReconConfig(Config):
                   f"reconstruction beta needs two positive values (start, end), got {self.beta}"),
                  (0 <= self.warmup < 1, f"reconstruction warmup must be a fraction in [0, 1), got {self.warmup}"),
                  (self.lr_round > 0, f"--recon-lr must be > 0, got {self.lr_round}"),
-                 (self.lr_scale > 0, f"reconstruction lr_scale must be > 0, got {self.lr_scale}")])
+                 (self.lr_scale > 0, f"reconstruction lr_scale must be > 0, got {self.lr_scale}"),
+                 (self.mode in RECON_MODES,
+                  f"unknown reconstruction mode {self.mode!r}; use one of {', '.join(RECON_MODES)}"),
+                 (self.lr_w_scale > 0, f"reconstruction lr_w_scale must be > 0, got {self.lr_w_scale}"),
+                 (self.time_floor >= 0, f"reconstruction time_floor must be >= 0, got {self.time_floor}")])
 
 
 def find_blocks(model: nn.Module) -> list[str]:
@@ -93,32 +125,32 @@ def find_blocks(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def _capture(model: nn.Module, block: str, inputs: Sequence[torch.Tensor], device: torch.device,
-             want_output: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """Inputs (and outputs) of ``block`` for every batch of ``inputs``, on CPU in float32; None if it is not a
-    one-tensor-input module reached by every forward. The rest of each forward is skipped (``stop_after``)."""
-    sites = [f"{block}@in", block] if want_output else [f"{block}@in"]
+def _capture(model: nn.Module, blocks: Sequence[str], inputs: Sequence[torch.Tensor], device: torch.device,
+             want_output: bool) -> dict[str, torch.Tensor] | None:
+    """Inputs (``<block>@in``) and, with ``want_output``, outputs of ``blocks`` for every batch of ``inputs``, in
+    float32 on ``device``, from one pass per batch (the forward stops after the last site). None if a block is not
+    a one-tensor-input module called exactly once per forward."""
+    sites = [a for b in blocks for a in ((f"{b}@in", b) if want_output else (f"{b}@in",))]
     kept: dict[str, list[torch.Tensor]] = {a: [] for a in sites}
 
     def keep(addr: str, t: torch.Tensor) -> None:
-        kept[addr].append(t.to("cpu", torch.float32, copy=True))
+        kept[addr].append(t.to(device, torch.float32, copy=True))
 
     with Capture(model, sites, detach=True, reduce=keep, stop_after=sites[-1], single_input=True) as cap:
         for x in inputs:
-            before = cap.calls[sites[-1]]
+            before = dict(cap.calls)
             try:
                 cap.run(x.to(device))
             except CaptureError:
                 return None
-            if cap.calls[sites[-1]] != before + 1:
+            if any(cap.calls[a] != before.get(a, 0) + 1 for a in sites):
                 return None
-    xs = torch.cat(kept[sites[0]])
-    return xs, (torch.cat(kept[block]) if want_output else None)
+    return {a: torch.cat(v) for a, v in kept.items()}
 
 
 def _device_generator(seed: int, index: int, salt: str, device: torch.device) -> torch.Generator:
     """A generator on ``device`` seeded like :func:`~zeroshot_kd.runtime.batch_generator` (per block), so QDrop's
-    masks are drawn where the tensors live instead of on the CPU and copied at every step."""
+    masks and the minibatch indices are drawn where the tensors live instead of on the CPU and copied each step."""
     return torch.Generator(device=torch.device(device)).manual_seed(batch_seed(seed, index, salt))
 
 
@@ -127,45 +159,111 @@ def _recon_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return d.sum(1).mean() if d.dim() > 1 else d.mean()
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _run_batched(block: nn.Module, x: torch.Tensor, size: int = 128) -> torch.Tensor:
+    return torch.cat([block(x[i:i + size]).float() for i in range(0, x.shape[0], size)])
+
+
+def _time_floor(block: nn.Module, fp_block: nn.Module, xin: torch.Tensor, y: torch.Tensor, reps: int,
+                device: torch.device, drop_gen: torch.Generator, layers: list) -> tuple[float, float]:
+    """Seconds of one bare forward+backward of ``block`` in its training state (soft rounding, QDrop masks) and of
+    the float ``fp_block`` (weights trainable) on the same minibatch: the floors one reconstruction step is
+    compared with. Gradients are discarded; the masks come from a throw-away generator, so the run's own random
+    streams are untouched."""
+    saved = [l.aq.drop_generator if l.aq is not None else None for l in layers]
+    for l in layers:
+        if l.aq is not None:
+            l.aq.drop_generator = drop_gen
+    params = [p for p in block.parameters() if p.requires_grad]
+
+    def step(m: nn.Module) -> None:
+        _recon_loss(m(xin), y).backward()
+
+    out = []
+    fp_params = list(fp_block.parameters())
+    flags = [p.requires_grad for p in fp_params]
+    for m, ps in ((block, params), (fp_block, fp_params)):
+        if m is fp_block:
+            for p in fp_params:
+                p.requires_grad_(True)
+        step(m)  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            step(m)
+        _sync(device)
+        out.append((time.perf_counter() - t0) / reps)
+        for p in ps:
+            p.grad = None
+    for p, f in zip(fp_params, flags):
+        p.requires_grad_(f)
+    for l, g in zip(layers, saved):
+        if l.aq is not None:
+            l.aq.drop_generator = g
+    return out[0], out[1]
+
+
 def reconstruct(student: nn.Module, fp_model: nn.Module, inputs: Sequence[torch.Tensor], device: torch.device,
                 config: ReconConfig | None = None, seed: int = 0, progress: bool = True) -> list[dict]:
     """Reconstruct every block of ``student`` against ``fp_model`` (the folded float model), in place.
+
+    The float model's block inputs and outputs are captured once, in one pass, and kept on ``device``; a block's
+    quantized input is the previous reconstructed block's output on the kept quantized inputs when the float
+    model shows the two blocks are chained (``input(i + 1) == output(i)``), and is captured from the student
+    otherwise. The step loop has no host synchronization: minibatch indices and QDrop masks are drawn on
+    ``device`` by per-block generators seeded from ``seed``.
 
     Args:
         student: calibrated fake-quantized student (eval mode).
         fp_model: the float model with the same module paths (the folded, unquantized copy).
         inputs: calibration batches (normalized, CPU tensors).
         device: where to run.
-        config: hyper-parameters.
+        config: hyper-parameters (``mode`` selects QDrop or GENIE-M).
         seed: seed of minibatch sampling and of the QDrop masks.
         progress: tqdm bar over blocks and steps.
 
     Returns:
-        Per block: name, number of layers, reconstruction loss (output MSE term) before and after.
+        Per block: name, number of layers, reconstruction loss (output MSE term) before and after, samples,
+        ``seconds`` of the step loop, and with ``time_floor`` the per-step cost and its floors.
     """
     cfg = config or ReconConfig()
+    device = torch.device(device)
     student.eval()
     fp_model.eval()
     history = []
     blocks = find_blocks(student)
     bar = tqdm(total=len(blocks) * cfg.iters, desc="reconstruct", disable=not progress, leave=False)
+    fp_all = _capture(fp_model, blocks, inputs, device, want_output=True)
+    x_q_next: torch.Tensor | None = None  # quantized input of the next block, when it is chained to this one
     for bi, name in enumerate(blocks):
-        fp = _capture(fp_model, name, inputs, device, want_output=True)
-        q = _capture(student, name, inputs, device, want_output=False)
-        if fp is None or q is None:
+        fp = (fp_all[f"{name}@in"], fp_all[name]) if fp_all is not None else None
+        if fp is None:  # some block is not capturable in one pass: capture this one alone
+            one = _capture(fp_model, [name], inputs, device, want_output=True)
+            fp = (one[f"{name}@in"], one[name]) if one is not None else None
+        if x_q_next is not None:
+            x_q = x_q_next
+        else:
+            q = _capture(student, [name], inputs, device, want_output=False)
+            x_q = q[f"{name}@in"] if q is not None else None
+        x_q_next = None
+        if fp is None or x_q is None:
             warnings.warn(f"block {name} is not a single-input module called once per forward; not reconstructed",
                           stacklevel=2)
             bar.update(cfg.iters)
             continue
         x_fp, y_fp = fp
-        x_q = q[0]
         block = student.get_submodule(name)
         layers = [m for _, m in quant_layers(block)] if not isinstance(block, QUANT_TYPES) else [block]
-        gen = batch_generator(seed, bi, f"recon:{name}")
+        idx_gen = _device_generator(seed, bi, f"recon:{name}", device)
         drop_gen = _device_generator(seed, bi, f"qdrop:{name}", device)
         mix_gen = _device_generator(seed, bi, f"qdrop-input:{name}", device)
         n = x_fp.shape[0]
-        y_dev = None
+        m_eval = min(n, 256)
 
         def eval_loss() -> float:
             with torch.no_grad():
@@ -173,57 +271,74 @@ def reconstruct(student: nn.Module, fp_model: nn.Module, inputs: Sequence[torch.
                 for l in layers:
                     if l.aq is not None:
                         l.aq.drop_prob = 0.0
-                tot, m = 0.0, min(n, 256)
-                for i in range(0, m, 128):
-                    tot += _recon_loss(block(x_q[i:i + 128].to(device)), y_fp[i:i + 128].to(device)).item() * \
-                        min(128, m - i)
+                tot = torch.zeros((), device=device)
+                for i in range(0, m_eval, 128):
+                    tot += _recon_loss(block(x_q[i:i + 128]), y_fp[i:i + 128]) * min(128, m_eval - i)
                 for l, d in zip(layers, saved):
                     if l.aq is not None:
                         l.aq.drop_prob = d
-                return tot / m
+                return float(tot) / m_eval  # one host sync
 
         before = eval_loss()  # nearest rounding, learned nothing yet
+        genie = cfg.mode == "genie"
         for layer in layers:
-            layer.wq.start_adaround(layer.weight)
+            layer.wq.start_adaround(layer.weight, learn_scale=genie)
             if layer.aq is not None:
                 layer.aq.scale.requires_grad_(True)
                 layer.aq.drop_prob = 1.0 - cfg.drop_prob if 0 < cfg.drop_prob < 1 else 0.0
                 layer.aq.drop_generator = drop_gen
-        v_params = [layer.wq.adaround for layer in layers]
-        s_params = [layer.aq.scale for layer in layers if layer.aq is not None]
-        opt_v = torch.optim.Adam(v_params, lr=cfg.lr_round)
-        opt_s = torch.optim.Adam(s_params, lr=cfg.lr_scale) if s_params else None
-        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=max(cfg.iters, 1), eta_min=0.0)
-                 if opt_s else None)
+        # One Adam (foreach) over three groups: rounding variables at a constant rate, activation and (genie)
+        # weight steps cosine-decayed; one optimizer step and one scheduler step per iteration.
+        groups = [{"params": [layer.wq.adaround for layer in layers], "lr": cfg.lr_round}]
+        decayed = [{"params": [l.aq.scale for l in layers if l.aq is not None], "lr": cfg.lr_scale}]
+        if genie:
+            decayed.append({"params": [l.wq.scale for l in layers], "lr": cfg.lr_w_scale})
+        groups += [g for g in decayed if g["params"]]
+        opt = torch.optim.Adam(groups, foreach=True)
+        total = max(cfg.iters, 1)
+
+        def cosine(step: int) -> float:
+            return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda _: 1.0] + [cosine] * (len(groups) - 1))
+        scales = [p for g in groups[1:] for p in g["params"]]
+        bs = min(cfg.batch_size, n)
+        mix = 0 < cfg.drop_prob < 1
+        timing: dict = {}
+        if cfg.time_floor > 0:
+            probe = _device_generator(seed, bi, f"floor:{name}", device)
+            idx = torch.randint(0, n, (bs,), generator=probe, device=device)
+            xin = torch.where(torch.rand(x_q[idx].shape, generator=probe, device=device) < cfg.drop_prob,
+                              x_q[idx], x_fp[idx]) if mix else x_q[idx]
+            floor_s, float_floor_s = _time_floor(block, fp_model.get_submodule(name), xin, y_fp[idx],
+                                                 cfg.time_floor, device, probe, layers)
+            timing = {"floor_s": floor_s, "float_floor_s": float_floor_s}
         warm = int(cfg.warmup * cfg.iters)
+        _sync(device)
+        t0 = time.perf_counter()
         for t in range(cfg.iters):
-            idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
-            xq, xf, y = x_q[idx], x_fp[idx], y_fp[idx]
-            if 0 < cfg.drop_prob < 1:
-                xq, xf = xq.to(device), xf.to(device)
-                use_q = torch.rand(xq.shape, generator=mix_gen, device=xq.device) < cfg.drop_prob
-                xin = torch.where(use_q, xq, xf)
+            idx = torch.randint(0, n, (bs,), generator=idx_gen, device=device)
+            xq, y = x_q[idx], y_fp[idx]
+            if mix:
+                use_q = torch.rand(xq.shape, generator=mix_gen, device=device) < cfg.drop_prob
+                xin = torch.where(use_q, xq, x_fp[idx])
             else:
                 xin = xq
-            y_dev = y.to(device)
-            out = block(xin.to(device))
-            loss = _recon_loss(out, y_dev)
+            loss = _recon_loss(block(xin), y)
             if t >= warm:
                 rel = (t - warm) / max(cfg.iters - warm, 1)
                 beta = cfg.beta[1] + (cfg.beta[0] - cfg.beta[1]) * (1 - rel)
                 loss = loss + cfg.reg * sum(layer.wq.adaround_reg(beta) for layer in layers)
-            opt_v.zero_grad(set_to_none=True)
-            if opt_s is not None:
-                opt_s.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt_v.step()
-            if opt_s is not None:
-                opt_s.step()
-                sched.step()
-                for layer in layers:
-                    if layer.aq is not None:
-                        layer.aq.clamp_scale_()
+            opt.step()
+            sched.step()
+            if scales:
+                with torch.no_grad():
+                    torch._foreach_clamp_min_(scales, SCALE_EPS)  # keep step sizes positive, one call
             bar.update(1)
+        _sync(device)
+        seconds = time.perf_counter() - t0
         for layer in layers:
             layer.wq.adaround_soft = False
         for layer in layers:
@@ -234,9 +349,22 @@ def reconstruct(student: nn.Module, fp_model: nn.Module, inputs: Sequence[torch.
         after_soft = eval_loss()  # hard rounding via adaround_soft=False
         for layer in layers:
             layer.wq.finish_adaround(layer.weight)
-        history.append({"block": name, "layers": len(layers), "loss_before": before, "loss_after": after_soft,
-                        "samples": n})
+        rec = {"block": name, "layers": len(layers), "loss_before": before, "loss_after": after_soft,
+               "samples": n, "seconds": seconds}
+        if timing:
+            step_s = seconds / max(cfg.iters, 1)
+            rec.update(step_s=step_s, **timing, ratio=step_s / timing["floor_s"],
+                       ratio_float=step_s / timing["float_floor_s"])
+        history.append(rec)
+        nxt = blocks[bi + 1] if bi + 1 < len(blocks) else None
+        if (nxt is not None and fp_all is not None and fp_all[f"{nxt}@in"].shape == y_fp.shape
+                and torch.equal(fp_all[f"{nxt}@in"], y_fp)):
+            x_q_next = _run_batched(block, x_q)  # the next block's quantized input, no recapture
+            fp_all[f"{nxt}@in"] = y_fp  # the same tensor: keep one copy
         del x_fp, y_fp, x_q
+        if fp_all is not None:
+            fp_all.pop(f"{name}@in", None)
+            fp_all.pop(name, None)
         if not math.isfinite(after_soft):
             warnings.warn(f"reconstruction of block {name} diverged (loss {after_soft})", stacklevel=2)
     bar.close()
