@@ -55,11 +55,14 @@ bits_type = int  # validated below, so a bad value gets zkd's one-line error
 @click.option("--w-method", type=click.Choice(["lp", "mse", "minmax"]), default="lp",
               help="Weight range search per channel.")
 @click.option("--a-method", type=click.Choice(["output", "auto", "mse", "lp", "percentile", "minmax"]),
-              default="output", help="Activation range search per tensor: output = clipping that minimizes the "
-              "consuming layer's output error; auto = output, mse or minmax, whichever gives the lowest logit KL on "
-              "the calibration images; mse/lp/percentile/minmax = the tensor's own error.")
+              default="auto", show_default=True, help="Activation range search per tensor: auto = build "
+              "{mse, output, minmax} x {CLE+bias correction off, on} and keep the one with the lowest logit KL to "
+              "the FP32 teacher on a held-out quarter of the calibration images (fits ranges on the other three "
+              "quarters); output = clipping that minimizes the consuming layer's output error; "
+              "mse/lp/percentile/minmax = the tensor's own error.")
 @click.option("--equalize/--no-equalize", default=None, help="Cross-layer equalization of consecutive conv pairs "
-              "(DFQ) on the folded float copy before quantization [default: on with --keep-8bit none, else off].")
+              "(DFQ) on the folded float copy before quantization [default: chosen by the --a-method auto guard; with "
+              "another --a-method: on with --keep-8bit none, else off].")
 @click.option("--relu6", type=click.Choice(["clip", "relu", "skip"]), default="clip",
               help="Equalization through ReLU6: clip = per-channel rescaled clip (exact), relu = replace by ReLU, "
               "skip = leave those pairs.")
@@ -68,7 +71,8 @@ bits_type = int  # validated below, so a bad value gets zkd's one-line error
               "ranges); activation = measured activation channel ranges vs B's input-channel ranges.")
 @click.option("--bias-correction/--no-bias-correction", default=None,
               help="Subtract the mean output shift caused by weight quantization (empirical, calibration images) "
-              "[default: on with --keep-8bit none, else off].")
+              "[default: chosen by the --a-method auto guard, together with --equalize; with another --a-method: on "
+              "with --keep-8bit none, else off].")
 @click.option("--mixed-precision", is_flag=True, help="Per-layer weight bits from {2,3,4,6,8} by ZeroQ "
               "sensitivity within --size-budget.")
 @click.option("--size-budget", default=None, metavar="MB|RATIO", help="Weight size budget for --mixed-precision, "

@@ -274,13 +274,40 @@ def test_cli_mixed_precision_equalize_and_bad_budgets(tmp_path):
 
 
 def test_pre_steps_default_on_only_with_every_layer_quantized():
+    """Outside the auto guard (an explicit --a-method), the pre-steps default on only with every layer quantized."""
     net = Chain().eval().requires_grad_(False)
     teacher = Teacher(net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(net))
     reports = {}
     for keep in ("first,last", "none"):
-        opts = CalibrationOptions(data="gaussian:16", num_images=16, holdout=0, candidates=5, progress=False)
+        opts = CalibrationOptions(data="gaussian:16", num_images=16, holdout=0, candidates=5, progress=False,
+                                  a_method="output")
         reports[keep] = calibrate_student(teacher, QuantConfig(4, 4, keep_8bit=keep), opts,
                                           torch.device("cpu")).report
     assert reports["first,last"]["equalization"] is None and reports["first,last"]["bias_correction"] is None
     assert reports["none"]["equalization"]["pairs"] == [["c1", "c2"], ["c2", "c3"], ["c3", "c4"]]
     assert set(reports["none"]["bias_correction"]) == {"c1", "c2", "c3", "c4", "fc"}
+
+
+def test_default_guard_keeps_lowest_heldout_kl_candidate():
+    """The default (auto) builds {mse, output, minmax} x {pre-steps off, on}, scores each by the logit KL to the
+    teacher on the held-out last quarter of the calibration images, and returns the student of the minimum."""
+    from zeroshot_kd.data import make_dataset
+    from zeroshot_kd.quant.pipeline import guard_split
+
+    net = Chain().eval().requires_grad_(False)
+    teacher = Teacher(net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(net))
+    opts = CalibrationOptions(data="gaussian:32", num_images=32, holdout=0, candidates=5, progress=False)
+    assert opts.a_method == "auto"
+    res = calibrate_student(teacher, QuantConfig(3, 3, keep_8bit="none"), opts, torch.device("cpu"))
+    g = res.report["ranges"]
+    kls = g["kl_by_candidate"]
+    assert set(kls) == {f"{m}{s}" for m in ("mse", "output", "minmax") for s in ("", "+cle+bc")}
+    assert g["chosen"] == min(kls, key=kls.get)
+    assert (res.report["equalization"] is not None) == g["chosen"].endswith("+cle+bc") == g["equalize"]
+    assert guard_split(32) == 8 and (g["kl_images"], g["fit_images"]) == (8, 24) and g["kl_split"] == "held-out"
+    ds = make_dataset("gaussian:32", FASHION_MNIST_SPEC, num_images=32, seed=0)
+    held = torch.stack([ds[i][0] for i in range(24, 32)])
+    with torch.no_grad():
+        kl = torch.nn.functional.kl_div(torch.log_softmax(res.student(held), 1), torch.log_softmax(net(held), 1),
+                                        reduction="batchmean", log_target=True).item()
+    assert kl == pytest.approx(kls[g["chosen"]], rel=1e-5, abs=1e-9)
