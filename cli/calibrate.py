@@ -73,6 +73,12 @@ bits_type = int  # validated below, so a bad value gets zkd's one-line error
               help="Subtract the mean output shift caused by weight quantization (empirical, calibration images) "
               "[default: chosen by the --a-method auto guard, together with --equalize; with another --a-method: on "
               "with --keep-8bit none, else off].")
+@click.option("--bias-correction-mode", type=click.Choice(["empirical", "analytic"]), default="empirical",
+              show_default=True, help="empirical = mean output shift measured on the calibration images; analytic = "
+              "DFQ's E[x] from the preceding BN's beta/gamma (clipped normal), data-free, only layers fed by conv+BN.")
+@click.option("--absorb-high-bias/--no-absorb-high-bias", "absorb_bias", default=False, show_default=True,
+              help="DFQ high-bias absorption (max(0, beta - 3 gamma) moved through a ReLU into the next unpadded "
+              "conv) on the folded float copy.")
 @click.option("--mixed-precision", is_flag=True, help="Per-layer weight bits from {2,3,4,6,8} by ZeroQ "
               "sensitivity within --size-budget.")
 @click.option("--size-budget", default=None, metavar="MB|RATIO", help="Weight size budget for --mixed-precision, "

@@ -35,11 +35,12 @@ from ..evaluate import evaluate_model
 from ..objectives import ObjectiveSet
 from .calibrate import ACT_METHODS, calibrate_weights
 from .finetune import DEFAULT_TEMPERATURE, finetune, finetune_objectives
-from .fold import fold_bn
+from .fold import find_conv_bn_pairs, fold_bn
 from .modules import LayerConfig, QuantConfig, check_supported, quantize_model
 from .ranges import NEW_ACT_METHODS, calibrate_act_ranges, calibrate_activations_auto
 from .recon import ReconConfig, reconstruct
-from .equalize import EQUALIZE_CRITERIA, RELU6_MODES, correct_bias, equalize
+from .equalize import (BIAS_CORRECTION_MODES, EQUALIZE_CRITERIA, RELU6_MODES, absorb_high_bias, analytic_input_means,
+                       bn_stats, correct_bias, correct_bias_analytic, equalize)
 from .mixed import choose_bits
 from .report import CALIBRATION_SET_AGREEMENT, global_metrics, layer_report
 
@@ -73,6 +74,8 @@ class CalibrationOptions:
     relu6: str = "clip"
     equalize_criterion: str = "weight"
     bias_correction: bool | None = None
+    bias_correction_mode: str = "empirical"
+    absorb_bias: bool = False
     mixed_precision: bool = False
     size_budget: str | None = None
     finetune_steps: int = 0
@@ -98,6 +101,8 @@ class CalibrationOptions:
                     f"unknown --a-method {self.a_method!r}; use one of {', '.join(NEW_ACT_METHODS + ACT_METHODS)}"),
                    (self.equalize_criterion in EQUALIZE_CRITERIA,
                     f"unknown --equalize-criterion {self.equalize_criterion!r}; use activation or weight"),
+                   (self.bias_correction_mode in BIAS_CORRECTION_MODES,
+                    f"unknown --bias-correction-mode {self.bias_correction_mode!r}; use empirical or analytic"),
                    (self.relu6 in RELU6_MODES, f"unknown --relu6 {self.relu6!r}; use one of {', '.join(RELU6_MODES)}"),
                    (self.size_budget is None or self.mixed_precision, "--size-budget needs --mixed-precision")]
         for ok, msg in checks:
@@ -292,13 +297,20 @@ def _build_student(teacher: Any, config: QuantConfig, opts: CalibrationOptions, 
     student = copy.deepcopy(teacher.model).eval()
     check_supported(student)
     folded: list[tuple[str, str]] = []
+    stats = bn_stats(student, find_conv_bn_pairs(student)[0]) if config.fold_bn else {}
     if config.fold_bn:
         with torch.no_grad():
             folded = fold_bn(student, example=fit_x[:8].to(device))
+        stats = {c: v for c, v in stats.items() if c in {a for a, _ in folded}}
     equalized = None
     if do_equalize:
         eq_batches = _batches(fit_x, 128) if opts.equalize_criterion == "activation" else None
-        equalized = equalize(student, opts.relu6, batches=eq_batches, device=device)
+        equalized = equalize(student, opts.relu6, batches=eq_batches, device=device, stats=stats)
+    absorbed = absorb_high_bias(student, stats) if opts.absorb_bias else None
+    if equalized is not None or absorbed is not None:
+        equalized = {**(equalized or {}), "high_bias_absorbed": absorbed}
+    analytic = do_bias and opts.bias_correction_mode == "analytic"
+    means = analytic_input_means(student, stats) if analytic else {}
     mixed = None
     if opts.mixed_precision:
         mixed = choose_bits(student, config, fit_x, device, opts.size_budget, w_method=opts.w_method, p=opts.lp_p,
@@ -307,7 +319,8 @@ def _build_student(teacher: Any, config: QuantConfig, opts: CalibrationOptions, 
     layers = quantize_model(student, config, mixed.layer_configs if mixed is not None else None)
     student.requires_grad_(False).eval()
     calibrate_weights(student, opts.w_method, opts.lp_p, opts.candidates)
-    bias_shift = correct_bias(student, _batches(fit_x, 128), device) if do_bias else None
+    bias_shift = (None if not do_bias else correct_bias_analytic(student, means) if analytic
+                  else correct_bias(student, _batches(fit_x, 128), device))
     return _Built(student, fp_model, layers, folded, equalized, mixed, bias_shift)
 
 
