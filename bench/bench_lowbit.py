@@ -233,8 +233,10 @@ class Bench:
 
 
 def grid(args: argparse.Namespace) -> list[tuple[str, str, tuple]]:
-    return [(t, src, st) for t in args.teachers.split(",") for st in SETTINGS
-            if st[0] != "W2A4" or t in W2_TEACHERS for src in args.sources.split(",")]
+    wanted = [s for s in args.settings.split(",") if s] or [s[0] for s in SETTINGS]
+    by_label = {s[0]: s for s in SETTINGS}
+    return [(t, src, by_label[lb]) for t in args.teachers.split(",") for lb in wanted
+            if lb != "W2A4" or t in W2_TEACHERS for src in args.sources.split(",")]
 
 
 def tables(bench: Bench, args: argparse.Namespace) -> None:
@@ -285,6 +287,7 @@ def main() -> None:
     ap.add_argument("--recon-iters", type=int, default=100)
     ap.add_argument("--finetune-steps", type=int, default=100)
     ap.add_argument("--shard-iterations", type=int, default=50)
+    ap.add_argument("--settings", default="", help="comma list of setting labels, in run order [default: all]")
     ap.add_argument("--phases", default="ptq,recon,mixed", help="comma list of ptq, recon, mixed")
     ap.add_argument("--table-only", action="store_true", help="rewrite the tables from the cache, run nothing")
     ap.add_argument("--name", default="lowbit")
