@@ -1,31 +1,39 @@
-"""Where quantization is hard (issue 11): W4A4, W3A3 and W4A4 with every layer quantized, for both shipped teachers.
+"""Where quantization is hard (issue 11): W4A4, W3A3, W4A4 with every layer quantized and W2A4 (ResNet only), for
+both shipped teachers, calibrated on real images, Gaussian noise and small bns / deepinversion shard sets.
 
-Columns, each a full calibration with the library pipeline (the code behind ``zkd calibrate``) and top-1 on real
-Fashion-MNIST test images:
+Columns, each top-1 on real Fashion-MNIST test images after a calibration with the library pipeline (the code behind
+``zkd calibrate``):
 
 * ``naive min/max``: an independent reference written here -- per-channel symmetric min/max weights, per-tensor
   min/max activation ranges from the same calibration images, nothing searched;
-* ``today PTQ``: Lp weight search + per-tensor MSE activation search (``--a-method mse``, the previous default);
-* ``output ranges``: ``--a-method output`` (clipping chosen by the consuming layer's output error);
-* ``+ CLE/BC``: plus cross-layer equalization (ReLU6 -> per-channel clip, exact) and empirical bias correction;
-* ``+ CLE(relu)/BC``: the same with ReLU6 replaced by ReLU (DFQ's MobileNetV2 recipe; changes the float net);
-* ``+ recon``: ``+ CLE/BC`` followed by block reconstruction (AdaRound + QDrop) at ``--recon-iters`` steps/block;
-* ``mixed @ uniform size``: ``+ CLE/BC`` with per-layer weight bits from {2,3,4,6,8} (ZeroQ sensitivity, DP
-  allocation) at the weight size of the uniform student;
-* ``output + recon`` / ``output + mixed``: the same two on ``output ranges`` without CLE/BC.
+* ``old MSE PTQ``: Lp weight search + per-tensor MSE activation search, no pre-steps (the default before issue 11);
+* ``default PTQ``: today's default, the loss-aware guard (``--a-method auto``: {mse, output, minmax} x {CLE + bias
+  correction off, on}, lowest logit KL to the FP32 teacher on a held-out quarter of the calibration images);
+  ``chosen`` names the candidate it kept;
+* ``+ recon``: the default PTQ student followed by block reconstruction (AdaRound + QDrop, ``--recon-iters``
+  steps/block, the pipeline's other recon defaults);
+* ``+ KD fine-tune``: the ``+ recon`` student followed by ``--finetune-steps`` of KD fine-tuning (T^2 KL at T = 4,
+  LSQ step sizes + weights, the calibration images; the pipeline's defaults), W3A3 and every-layer W4A4 only;
+* ``mixed @ uniform size``: the default PTQ with per-layer weight bits from {2,3,4,6,8} (ZeroQ sensitivity, DP
+  allocation) at the weight size of the uniform student.
 
-Small settings for a shared CPU (defaults: 256 calibration images, 2000 test images, 100 recon steps/block).
-Every run is cached in ``bench/cache/lowbit/``. Writes ``bench/results/lowbit.md`` and ``lowbit.json``.
+Small settings for a shared CPU (defaults: 256 calibration images, 2000 test images, 100 recon steps/block, 100
+fine-tune steps, shards of 256 images at 50 synthesis iterations). Runs go in three phases (PTQ columns everywhere,
+then recon / fine-tune, then mixed precision), each cached in ``bench/cache/lowbit/`` (outside git), and the
+tables are rewritten after every phase from whatever is cached (``--table-only`` rewrites them without running).
+Writes ``bench/results/lowbit.md`` and ``lowbit.json``. Full size: ``--num-images 1024 --recon-iters 1000
+--shard-iterations 2000``.
 
 Usage::
 
     python bench/bench_lowbit.py
-    python bench/bench_lowbit.py --teachers fmnist_mobilenetv2 --sources real --no-recon
+    python bench/bench_lowbit.py --teachers fmnist_resnet14 --sources real,deepinversion --phases ptq
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import platform
@@ -35,32 +43,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import CACHE, markdown_table, write_json, write_result  # noqa: E402
 
-from zeroshot_kd import load_teacher  # noqa: E402
+from zeroshot_kd import load_teacher, synthesize  # noqa: E402
 from zeroshot_kd.data import make_dataset  # noqa: E402
 from zeroshot_kd.evaluate import evaluate_model  # noqa: E402
-from zeroshot_kd.io import atomic_write_json  # noqa: E402
+from zeroshot_kd.io import atomic_torch_save, atomic_write_json  # noqa: E402
+from zeroshot_kd.quant.finetune import finetune, finetune_objectives  # noqa: E402
 from zeroshot_kd.quant.modules import QuantConfig, quant_layers  # noqa: E402
 from zeroshot_kd.quant.pipeline import CalibrationOptions, calibrate_student  # noqa: E402
+from zeroshot_kd.quant.recon import ReconConfig, reconstruct  # noqa: E402
 
-SETTINGS = [("W4A4", 4, 4, "first,last"), ("W3A3", 3, 3, "first,last"), ("W4A4 all layers", 4, 4, "none")]
-CLE_BC = {"a_method": "output", "equalize": True, "bias_correction": True}
-NO_PRE = {"equalize": False, "bias_correction": False}  # explicit: the library default depends on --keep-8bit
-COLUMNS: list[tuple[str, dict[str, Any]]] = [
-    ("naive min/max", {"naive": True, **NO_PRE}),
-    ("today PTQ", {"a_method": "mse", **NO_PRE}),
-    ("output ranges", {"a_method": "output", **NO_PRE}),
-    ("+ CLE/BC", CLE_BC),
-    ("+ CLE(relu)/BC", {**CLE_BC, "relu6": "relu"}),
-    ("+ recon", {**CLE_BC, "recon": True}),
-    ("mixed @ uniform size", {**CLE_BC, "mixed_precision": True}),
-    ("output + recon", {"a_method": "output", "recon": True, **NO_PRE}),
-    ("output + mixed", {"a_method": "output", "mixed_precision": True, **NO_PRE}),
-]
+SETTINGS = [("W4A4", 4, 4, "first,last"), ("W3A3", 3, 3, "first,last"), ("W4A4 all layers", 4, 4, "none"),
+            ("W2A4", 2, 4, "first,last")]
+W2_TEACHERS = ("fmnist_resnet14",)
+FT_SETTINGS = ("W3A3", "W4A4 all layers")
+NO_PRE = {"a_method": "mse", "equalize": False, "bias_correction": False}
+PTQ_COLUMNS = ["naive min/max", "old MSE PTQ", "default PTQ"]
+COLUMNS = PTQ_COLUMNS + ["+ recon", "+ KD fine-tune", "mixed @ uniform size"]
+SHARD_METHODS = {"bns": {}, "deepinversion": {"bn_weight": 0.1}}
 
 
 @torch.no_grad()
@@ -103,79 +108,200 @@ def naive_minmax(student: torch.nn.Module, cal_x: torch.Tensor) -> None:
         l.aq.set_qparams(s, torch.round(-mn / s) if mn < 0 else None)
 
 
-def run_one(teacher: Any, tname: str, source: str, n: int, setting: tuple, col: tuple, args: argparse.Namespace,
-            test_ds: Any) -> dict[str, Any]:
-    label, w, a, keep = setting
-    cname, kw = col
-    kw = dict(kw)
-    naive = kw.pop("naive", False)
-    key_d = {"teacher": tname, "source": source, "n": n, "setting": label, "col": cname, "kw": kw,
-             "recon_iters": args.recon_iters, "eval": len(test_ds), "v": 1}
-    key = hashlib.sha256(json.dumps(key_d, sort_keys=True).encode()).hexdigest()[:16]
-    cache = CACHE / "lowbit" / f"{key}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
-    data = "fashion-mnist:train" if source == "real" else f"gaussian:{n}"
-    t0 = time.perf_counter()
-    opts = CalibrationOptions(data=data, num_images=n, holdout=0, recon_iters=args.recon_iters, progress=False,
-                              **({"a_method": "minmax", "w_method": "minmax", **NO_PRE} if naive else kw))
-    res = calibrate_student(teacher, QuantConfig(w, a, keep_8bit=keep), opts, torch.device("cpu"))
-    if naive:
-        ds = make_dataset(data, teacher.spec, num_images=n, seed=0)
-        cal_x = torch.stack([ds[i][0] for i in range(n)])
-        naive_minmax(res.student, cal_x)
-    seconds = time.perf_counter() - t0
-    ev = evaluate_model(res.student, test_ds, torch.device("cpu"), teacher=teacher.model, progress=False)
-    mp = res.report.get("mixed_precision")
-    out = {**key_d, "top1": ev["top1"], "agreement": ev["agreement"], "calibrate_s": seconds,
-           "ranges_chosen": res.report.get("ranges", {}).get("chosen"),
-           "mixed": None if mp is None else {"bits": mp["bits"], "size_mb": mp["size_mb"],
-                                             "uniform_mb": mp["uniform_mb"]}}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(cache, out)
-    print(f"[lowbit] {tname} {source}@{n} {label:16s} {cname:22s} top1 {ev['top1']:.2f} ({seconds:.0f}s)",
-          file=sys.stderr, flush=True)
-    return out
+def calibration_data(tname: str, source: str, args: argparse.Namespace) -> str:
+    """The ``--data`` string of a row; bns / deepinversion shards are synthesized once into the bench cache."""
+    if source == "real":
+        return "fashion-mnist:train"
+    if source == "gaussian":
+        return f"gaussian:{args.num_images}"
+    out = CACHE / "lowbit" / f"{tname}-{source}-{args.num_images}-it{args.shard_iterations}"
+    if not (out / "manifest.json").is_file():
+        t0 = time.perf_counter()
+        synthesize(out, teacher=tname, method=source, num_images=args.num_images, batch_size=64, device="cpu",
+                   seed=0, resume=out.exists(), progress=False, iterations=args.shard_iterations,
+                   **SHARD_METHODS[source])
+        print(f"[lowbit] synthesized {source} for {tname} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr,
+              flush=True)
+    return f"shards:{out}"
+
+
+class Bench:
+    """Runs and caches the cells of one (teacher, setting, source) row."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.dev = torch.device("cpu")
+        self.teachers: dict[str, Any] = {}
+        self.tests: dict[str, Any] = {}
+
+    def teacher(self, tname: str) -> Any:
+        if tname not in self.teachers:
+            self.teachers[tname] = load_teacher(tname, device=self.dev)
+            self.tests[tname] = make_dataset("fashion-mnist:test", self.teachers[tname].spec,
+                                             num_images=self.args.eval_images)
+        return self.teachers[tname]
+
+    def key(self, tname: str, source: str, setting: str, col: str) -> Path:
+        a = self.args
+        d = {"teacher": tname, "source": source, "n": a.num_images, "setting": setting, "col": col,
+             "recon_iters": a.recon_iters, "ft": a.finetune_steps, "eval": a.eval_images,
+             "shard_it": a.shard_iterations, "v": 2}
+        return CACHE / "lowbit" / (hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16] + ".json")
+
+    def cached(self, tname: str, source: str, setting: str, col: str) -> dict[str, Any] | None:
+        p = self.key(tname, source, setting, col)
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def record(self, tname: str, source: str, setting: str, col: str, student: torch.nn.Module, seconds: float,
+               **extra: Any) -> dict[str, Any]:
+        ev = evaluate_model(student, self.tests[tname], self.dev, teacher=self.teachers[tname].model, progress=False)
+        out = {"top1": ev["top1"], "agreement": ev["agreement"], "calibrate_s": seconds, **extra}
+        (CACHE / "lowbit").mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.key(tname, source, setting, col), out)
+        print(f"[lowbit] {tname} {source} {setting:16s} {col:22s} top1 {ev['top1']:.2f} ({seconds:.0f}s)",
+              file=sys.stderr, flush=True)
+        return out
+
+    def calibrate(self, tname: str, source: str, setting: tuple, **kw: Any) -> tuple[Any, float]:
+        label, w, a, keep = setting
+        teacher = self.teacher(tname)
+        data = calibration_data(tname, source, self.args)
+        opts = CalibrationOptions(data=data, num_images=self.args.num_images, holdout=0,
+                                  recon_iters=self.args.recon_iters, progress=False, **kw)
+        t0 = time.perf_counter()
+        res = calibrate_student(teacher, QuantConfig(w, a, keep_8bit=keep), opts, self.dev)
+        return res, time.perf_counter() - t0
+
+    def ptq(self, tname: str, source: str, setting: tuple) -> None:
+        label = setting[0]
+        if self.cached(tname, source, label, "naive min/max") is None:
+            res, sec = self.calibrate(tname, source, setting, w_method="minmax", **{**NO_PRE, "a_method": "minmax"})
+            t0 = time.perf_counter()
+            ds = make_dataset(calibration_data(tname, source, self.args), self.teachers[tname].spec,
+                              num_images=self.args.num_images, seed=0)
+            naive_minmax(res.student, torch.stack([ds[i][0] for i in range(self.args.num_images)]))
+            self.record(tname, source, label, "naive min/max", res.student, sec + time.perf_counter() - t0)
+        if self.cached(tname, source, label, "old MSE PTQ") is None:
+            res, sec = self.calibrate(tname, source, setting, **NO_PRE)
+            self.record(tname, source, label, "old MSE PTQ", res.student, sec)
+        if self.cached(tname, source, label, "default PTQ") is None:
+            res, sec = self.calibrate(tname, source, setting)
+            (CACHE / "lowbit").mkdir(parents=True, exist_ok=True)
+            atomic_torch_save({"student": res.student, "fp_model": res.fp_model},
+                              self.key(tname, source, label, "default PTQ").with_suffix(".pt"))
+            self.record(tname, source, label, "default PTQ", res.student, sec, chosen=res.report["ranges"]["chosen"],
+                        kl=res.report["ranges"]["kl_by_candidate"])
+
+    def recon_ft(self, tname: str, source: str, setting: tuple) -> None:
+        label = setting[0]
+        base = self.cached(tname, source, label, "default PTQ")
+        blob = self.key(tname, source, label, "default PTQ").with_suffix(".pt")
+        if base is None or not blob.is_file():
+            return
+        need_ft = label in FT_SETTINGS and self.args.finetune_steps > 0
+        if self.cached(tname, source, label, "+ recon") is not None and (
+                not need_ft or self.cached(tname, source, label, "+ KD fine-tune") is not None):
+            return
+        teacher = self.teacher(tname)
+        saved = torch.load(blob, weights_only=False)
+        student, fp_model = saved["student"], saved["fp_model"]
+        ds = make_dataset(calibration_data(tname, source, self.args), teacher.spec, num_images=self.args.num_images,
+                          seed=0)
+        cal_x = torch.stack([ds[i][0] for i in range(len(ds))])
+        cal_y = torch.tensor([int(ds[i][1]) for i in range(len(ds))])
+        d = CalibrationOptions(data="gaussian:1")
+        t0 = time.perf_counter()
+        rcfg = ReconConfig(iters=self.args.recon_iters, batch_size=d.batch_size, drop_prob=d.recon_drop,
+                           reg=d.recon_lambda, lr_round=d.recon_lr)
+        reconstruct(student, fp_model, [cal_x[i:i + 128] for i in range(0, len(cal_x), 128)], self.dev, rcfg,
+                    seed=d.seed, progress=False)
+        sec = base["calibrate_s"] + time.perf_counter() - t0
+        self.record(tname, source, label, "+ recon", student, sec)
+        if need_ft:
+            t0 = time.perf_counter()
+            finetune(student, teacher.model, TensorDataset(cal_x, cal_y), self.args.finetune_steps,
+                     finetune_objectives(None, d.temperature), lr=d.lr, scale_lr=d.scale_lr, batch_size=d.batch_size,
+                     seed=d.seed, device=self.dev, precision=d.precision, spec=teacher.spec, progress=False)
+            self.record(tname, source, label, "+ KD fine-tune", student, sec + time.perf_counter() - t0)
+
+    def mixed(self, tname: str, source: str, setting: tuple) -> None:
+        if self.cached(tname, source, setting[0], "mixed @ uniform size") is None:
+            res, sec = self.calibrate(tname, source, setting, mixed_precision=True)
+            mp = res.report["mixed_precision"]
+            self.record(tname, source, setting[0], "mixed @ uniform size", res.student, sec,
+                        chosen=res.report["ranges"]["chosen"], size_mb=mp["size_mb"], uniform_mb=mp["uniform_mb"])
+
+
+def grid(args: argparse.Namespace) -> list[tuple[str, str, tuple]]:
+    wanted = [s for s in args.settings.split(",") if s] or [s[0] for s in SETTINGS]
+    by_label = {s[0]: s for s in SETTINGS}
+    return [(t, src, by_label[lb]) for t in args.teachers.split(",") for lb in wanted
+            if lb != "W2A4" or t in W2_TEACHERS for src in args.sources.split(",")]
+
+
+def tables(bench: Bench, args: argparse.Namespace) -> None:
+    """Rewrite the result files from the cache (missing cells: ``-``)."""
+    lines = ["# Low-bit students where quantization is hard (issue 11)", "",
+             f"Top-1 (%) on {args.eval_images} real Fashion-MNIST test images; {args.num_images} calibration images "
+             f"(`real` = fashion-mnist:train, `gaussian` = gaussian:{args.num_images}, `bns` / `deepinversion` = "
+             f"{args.num_images}-image shards at {args.shard_iterations} synthesis iterations); recon = "
+             f"{args.recon_iters} steps/block; KD fine-tune = {args.finetune_steps} steps after recon (W3A3 and all "
+             "layers only). `all layers` = `--keep-8bit none`. `chosen` = the candidate the default guard kept "
+             "(`+cle+bc` = with equalization and bias correction). Seconds = the whole calibration run on a shared "
+             "2-core CPU, 1 thread (evaluation excluded; + recon / + KD fine-tune include the PTQ before them). "
+             "`-` = not run within the budget.", ""]
+    results: dict[str, Any] = {}
+    for tname in args.teachers.split(","):
+        teacher = bench.teacher(tname)
+        fp = evaluate_model(teacher.model, bench.tests[tname], bench.dev, progress=False)["top1"]
+        rows, trows = [], []
+        for t, source, st in grid(args):
+            if t != tname:
+                continue
+            cells = {c: bench.cached(tname, source, st[0], c) for c in COLUMNS}
+            results.setdefault(tname, {}).setdefault(st[0], {})[source] = cells
+            d = cells["default PTQ"]
+            best_ref = max((cells[c]["top1"] for c in PTQ_COLUMNS[:2] if cells[c]), default=None)
+            guard = "-" if d is None or best_ref is None else (
+                "ok" if d["top1"] >= best_ref - 0.5 else f"MISS ({d['top1'] - best_ref:+.2f})")
+            rows.append([st[0], source, f"{fp:.2f}"] + [f"{cells[c]['top1']:.2f}" if cells[c] else "-"
+                                                        for c in COLUMNS] + [d["chosen"] if d else "-", guard])
+            trows.append([st[0], source] + [f"{cells[c]['calibrate_s']:.0f}" if cells[c] else "-" for c in COLUMNS])
+        results.setdefault(tname, {})["fp32"] = fp
+        lines += [f"## {tname} (FP32 {fp:.2f}% on these images)", "",
+                  markdown_table(["setting", "data", "FP32"] + COLUMNS + ["chosen", "default >= best(naive, MSE) - 0.5"],
+                                 rows),
+                  "Seconds per calibration run:", "", markdown_table(["setting", "data"] + COLUMNS, trows)]
+    lines += [f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, cpu, torch {torch.__version__}.",
+              ""]
+    write_result(args.name, "\n".join(lines))
+    write_json(args.name, {"results": results, "settings": vars(args)})
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--teachers", default="fmnist_mobilenetv2,fmnist_resnet14")
-    ap.add_argument("--sources", default="real,gaussian")
+    ap.add_argument("--sources", default="real,gaussian,bns,deepinversion")
     ap.add_argument("--num-images", type=int, default=256)
     ap.add_argument("--eval-images", type=int, default=2000)
     ap.add_argument("--recon-iters", type=int, default=100)
-    ap.add_argument("--no-recon", action="store_true")
+    ap.add_argument("--finetune-steps", type=int, default=100)
+    ap.add_argument("--shard-iterations", type=int, default=50)
+    ap.add_argument("--settings", default="", help="comma list of setting labels, in run order [default: all]")
+    ap.add_argument("--phases", default="ptq,recon,mixed", help="comma list of ptq, recon, mixed")
+    ap.add_argument("--table-only", action="store_true", help="rewrite the tables from the cache, run nothing")
     ap.add_argument("--name", default="lowbit")
     args = ap.parse_args()
     torch.manual_seed(0)
-    cols = [c for c in COLUMNS if not (args.no_recon and c[1].get("recon"))]
-    results: dict[str, Any] = {}
-    lines = ["# Low-bit students where quantization is hard (issue 11)", "",
-             f"Top-1 (%) on {args.eval_images} real Fashion-MNIST test images; {args.num_images} calibration images "
-             f"(`real` = fashion-mnist:train, `gaussian` = gaussian:{args.num_images}); recon = "
-             f"{args.recon_iters} steps/block. `all layers` = `--keep-8bit none`. Seconds = the whole calibration "
-             "run on a shared 2-core CPU (evaluation excluded).", ""]
-    for tname in args.teachers.split(","):
-        teacher = load_teacher(tname, device=torch.device("cpu"))
-        test_ds = make_dataset("fashion-mnist:test", teacher.spec, num_images=args.eval_images)
-        fp = evaluate_model(teacher.model, test_ds, torch.device("cpu"), progress=False)["top1"]
-        rows, trows = [], []
-        for setting in SETTINGS:
-            for source in args.sources.split(","):
-                r = {c[0]: run_one(teacher, tname, source, args.num_images, setting, c, args, test_ds) for c in cols}
-                results.setdefault(tname, {}).setdefault(setting[0], {})[source] = r
-                rows.append([setting[0], source, f"{fp:.2f}"] + [f"{r[c[0]]['top1']:.2f}" for c in cols])
-                trows.append([setting[0], source] + [f"{r[c[0]]['calibrate_s']:.0f}" for c in cols])
-        lines += [f"## {tname} (FP32 {fp:.2f}% on these images)", "",
-                  markdown_table(["setting", "data", "FP32"] + [c[0] for c in cols], rows),
-                  "Seconds per calibration run:", "",
-                  markdown_table(["setting", "data"] + [c[0] for c in cols], trows)]
-        results[tname]["fp32"] = fp
-    lines += [f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, cpu, torch {torch.__version__}.",
-              ""]
-    write_result(args.name, "\n".join(lines))
-    write_json(args.name, {"results": results, "settings": vars(args)})
+    torch.set_num_threads(1)
+    bench = Bench(args)
+    if not args.table_only:
+        for phase in args.phases.split(","):
+            step = {"ptq": bench.ptq, "recon": bench.recon_ft, "mixed": bench.mixed}[phase]
+            for tname, source, setting in grid(args):
+                step(tname, source, setting)
+            tables(bench, args)
+    tables(bench, args)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,10 @@ Examples:
 bits_type = int  # validated below, so a bad value gets zkd's one-line error
 
 # CalibrationOptions fields shown after the quantization options, in --help order (flags/help/defaults on the fields)
-_ORDER = ["w_method", "a_method", "equalize", "relu6", "equalize_criterion", "bias_correction", "mixed_precision",
-          "size_budget", "lp_p", "candidates", "percentile", "act_images", "batch_size", "recon", "recon_iters",
-          "recon_images", "recon_drop", "recon_lambda", "recon_mode", "recon_lr", "finetune_steps", "lr", "scale_lr", "temperature"]
+_ORDER = ["w_method", "a_method", "equalize", "relu6", "equalize_criterion", "bias_correction",
+          "bias_correction_mode", "absorb_bias", "mixed_precision", "size_budget", "lp_p", "candidates", "percentile",
+          "act_images", "batch_size", "recon", "recon_iters", "recon_images", "recon_drop", "recon_lambda",
+          "recon_mode", "recon_lr", "finetune_steps", "lr", "scale_lr", "temperature"]
 
 
 @click.command(help="Build a fake-quantized student (BN folded, per-channel weights, per-tensor activations), "

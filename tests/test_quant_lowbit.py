@@ -274,13 +274,142 @@ def test_cli_mixed_precision_equalize_and_bad_budgets(tmp_path):
 
 
 def test_pre_steps_default_on_only_with_every_layer_quantized():
+    """Outside the auto guard (an explicit --a-method), the pre-steps default on only with every layer quantized."""
     net = Chain().eval().requires_grad_(False)
     teacher = Teacher(net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(net))
     reports = {}
     for keep in ("first,last", "none"):
-        opts = CalibrationOptions(data="gaussian:16", num_images=16, holdout=0, candidates=5, progress=False)
+        opts = CalibrationOptions(data="gaussian:16", num_images=16, holdout=0, candidates=5, progress=False,
+                                  a_method="output")
         reports[keep] = calibrate_student(teacher, QuantConfig(4, 4, keep_8bit=keep), opts,
                                           torch.device("cpu")).report
     assert reports["first,last"]["equalization"] is None and reports["first,last"]["bias_correction"] is None
     assert reports["none"]["equalization"]["pairs"] == [["c1", "c2"], ["c2", "c3"], ["c3", "c4"]]
     assert set(reports["none"]["bias_correction"]) == {"c1", "c2", "c3", "c4", "fc"}
+
+
+def test_default_guard_keeps_lowest_heldout_kl_candidate():
+    """The default (auto) builds {mse, output, minmax} x {pre-steps off, on}, scores each by the logit KL to the
+    teacher on the held-out last quarter of the calibration images, and returns the student of the minimum."""
+    from zeroshot_kd.data import make_dataset
+    from zeroshot_kd.quant.pipeline import guard_split
+
+    net = Chain().eval().requires_grad_(False)
+    teacher = Teacher(net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(net))
+    opts = CalibrationOptions(data="gaussian:32", num_images=32, holdout=0, candidates=5, progress=False)
+    assert opts.a_method == "auto"
+    res = calibrate_student(teacher, QuantConfig(3, 3, keep_8bit="none"), opts, torch.device("cpu"))
+    g = res.report["ranges"]
+    kls = g["kl_by_candidate"]
+    assert set(kls) == {f"{m}{s}" for m in ("mse", "output", "minmax") for s in ("", "+cle+bc")}
+    assert g["chosen"] == min(kls, key=kls.get)
+    assert (res.report["equalization"] is not None) == g["chosen"].endswith("+cle+bc") == g["equalize"]
+    assert guard_split(32) == 8 and (g["kl_images"], g["fit_images"]) == (8, 24) and g["kl_split"] == "held-out"
+    ds = make_dataset("gaussian:32", FASHION_MNIST_SPEC, num_images=32, seed=0)
+    held = torch.stack([ds[i][0] for i in range(24, 32)])
+    with torch.no_grad():
+        kl = torch.nn.functional.kl_div(torch.log_softmax(res.student(held), 1), torch.log_softmax(net(held), 1),
+                                        reduction="batchmean", log_target=True).item()
+    assert kl == pytest.approx(kls[g["chosen"]], rel=1e-5, abs=1e-9)
+
+
+def test_clipped_normal_mean_matches_quadrature():
+    from zeroshot_kd.quant.equalize import clipped_normal_mean
+
+    mu = torch.tensor([-2.0, -0.3, 0.0, 0.7, 3.0, 8.0], dtype=torch.float64)
+    sigma = torch.tensor([0.5, 1.0, 2.0, 0.2, 1.5, 1.0], dtype=torch.float64)
+    y = torch.linspace(-40, 40, 400001, dtype=torch.float64).view(-1, 1)
+    pdf = torch.exp(-0.5 * ((y - mu) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+    for lower, upper in ((0.0, None), (0.0, 6.0), (None, None), (-1.0, 2.5)):
+        f = y if lower is None and upper is None else y.clamp(min=lower, max=upper)
+        quad = torch.trapezoid(f * pdf, y.view(-1), dim=0)
+        assert torch.allclose(clipped_normal_mean(mu, sigma, lower, upper), quad, atol=1e-7)
+    assert clipped_normal_mean(torch.tensor([-1.0, 2.0, 9.0]), torch.zeros(3), 0.0, 6.0).tolist() == [0.0, 2.0, 6.0]
+
+
+def test_analytic_bias_correction_removes_expected_shift_of_linear():
+    from zeroshot_kd.quant.equalize import correct_bias_analytic
+
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 4)
+    q = QuantLinear.from_float(lin, 3, None, False)
+    calibrate_weights(q, "minmax")
+    mu = torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0, -1.0])
+    noise = torch.randn(64, 6, generator=torch.Generator().manual_seed(2))
+    x = mu + noise - noise.mean(0)  # the sample mean is exactly mu
+    b0 = q.bias.detach().clone()
+    expected_shift = (q.wq(q.weight).detach() - lin.weight.detach()) @ mu
+    assert expected_shift.abs().max() > 1e-2  # 3-bit weights do shift the mean
+    correct_bias_analytic(q, {"": mu})
+    assert torch.allclose(b0 - q.bias.detach(), expected_shift, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(q(x).mean(0), lin(x).mean(0), atol=1e-5)
+
+
+def test_analytic_input_means_follow_bn_through_equalization():
+    """B's input mean is the clipped-normal mean of A's BN output, also after CLE rescaled A's channels."""
+    from zeroshot_kd.quant.equalize import analytic_input_means, bn_stats, clipped_normal_mean
+    from zeroshot_kd.quant.fold import find_conv_bn_pairs
+
+    net = Chain().eval()
+    stats = bn_stats(net, find_conv_bn_pairs(net)[0])
+    beta1, gamma1 = net.b1.bias.detach().double(), net.b1.weight.detach().double().abs()
+    fold_bn(net)
+    means = analytic_input_means(net, stats)
+    assert set(means) == {"c2", "c3", "c4"}
+    assert torch.allclose(means["c2"], clipped_normal_mean(beta1, gamma1, 0.0, None))
+    w_before = net.c1.weight.detach().double().flatten(1).abs().amax(1)
+    equalize(net, "clip", stats=stats)
+    s = w_before / net.c1.weight.detach().double().flatten(1).abs().amax(1)  # c1's channel scales
+    assert torch.allclose(stats["c1"][0], beta1 / s) and torch.allclose(stats["c1"][1], gamma1 / s)
+
+
+def test_high_bias_absorption_leaves_float_outputs_unchanged():
+    from zeroshot_kd.quant.equalize import absorb_high_bias, bn_stats
+    from zeroshot_kd.quant.fold import find_conv_bn_pairs
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            g = torch.Generator().manual_seed(3)
+            self.c1, self.b1, self.a1 = nn.Conv2d(1, 6, 3, padding=1, bias=False), _bn(6, g), nn.ReLU()
+            self.c2, self.b2, self.a2 = nn.Conv2d(6, 4, 1, bias=False), _bn(4, g), nn.ReLU()
+            self.c3 = nn.Conv2d(4, 3, 3, padding=1)  # padded: nothing is absorbed into it
+            with torch.no_grad():
+                self.b1.bias.copy_(torch.tensor([5.0, 4.0, -1.0, 0.2, 9.0, 3.0]))
+                self.b1.running_var.mul_(1e4)  # pre-activations stay within beta +- 3 gamma on the test inputs
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c3(self.a2(self.b2(self.c2(self.a1(self.b1(self.c1(x)))))))
+
+    net = Net().eval()
+    stats = bn_stats(net, find_conv_bn_pairs(net)[0])
+    beta, gamma = stats["c1"][0].clone(), stats["c1"][1].clone()
+    fold_bn(net)
+    x = _x(8)
+    with torch.no_grad():
+        ref = net(x)
+        b1, b2 = net.c1.bias.detach().clone(), net.c2.bias.detach().clone()
+    absorbed = absorb_high_bias(net, stats)
+    c = (beta - 3 * gamma).clamp_min(0)
+    assert set(absorbed) == {"c1"} and (c > 0).sum() >= 4
+    assert torch.allclose(b1 - net.c1.bias.detach(), c.float(), atol=1e-6)
+    assert torch.allclose(net.c2.bias.detach() - b2, (net.c2.weight.detach().double().sum((2, 3)) @ c).float(),
+                          atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(net(x), ref, atol=1e-5)
+
+
+def test_pipeline_analytic_bias_correction_and_absorption_options():
+    net = Chain().eval().requires_grad_(False)
+    teacher = Teacher(net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(net))
+    opts = CalibrationOptions(data="gaussian:16", num_images=16, holdout=0, candidates=5, progress=False,
+                              a_method="output", equalize=False, bias_correction=True,
+                              bias_correction_mode="analytic", absorb_bias=True)
+    rep = calibrate_student(teacher, QuantConfig(4, 4, keep_8bit="none"), opts, torch.device("cpu")).report
+    assert set(rep["bias_correction"]) == {"c2", "c3", "c4"}  # fed by conv + BN; c1 (input) and fc (pool) are not
+    c = (net.b1.bias.detach().double() - 3 * net.b1.weight.detach().double().abs()).clamp_min(0)
+    # only c1 -> ReLU -> c2 (1x1) qualifies; the ReLU6 pairs do not
+    assert rep["equalization"]["high_bias_absorbed"] == ({"c1": pytest.approx(c.max().item())} if c.max() > 0 else {})
+    with pytest.raises(ZkdError, match="bias-correction-mode"):
+        CalibrationOptions(data="gaussian:16", bias_correction_mode="exact")

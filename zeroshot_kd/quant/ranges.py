@@ -207,37 +207,47 @@ def _restore(model: nn.Module, snap: dict[str, tuple[torch.Tensor, torch.Tensor,
 def calibrate_activations_auto(model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device,
                                precision: str = "fp32", methods: Iterable[str] = ("output", "mse", "minmax"),
                                p: float = 2.4, candidates: int = 100, percentile: float = 99.99,
-                               kl_images: int = 256, seed: int = 0,
-                               progress: bool = True) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+                               kl_images: int = 256, seed: int = 0, progress: bool = True,
+                               kl_batches: Sequence[torch.Tensor] | None = None,
+                               ref_logits: Sequence[torch.Tensor] | None = None,
+                               ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Compute several activation range sets and keep the one with the lowest logit KL to the float model.
 
     Args:
         model: the student, weights already calibrated.
-        batches: calibration input batches.
+        batches: calibration input batches (the ranges are set on these).
         device, precision: where and how to run.
         methods: range sets to compare: ``output`` and any of :data:`zeroshot_kd.quant.calibrate.ACT_METHODS`.
         p, candidates, percentile: search parameters.
-        kl_images: calibration images on which the KL is measured (the first ones).
+        kl_images: without ``kl_batches``, the KL is measured on the first ``kl_images`` of ``batches``.
         seed: seed of the tensor searches' value sampling.
         progress: progress bars of the tensor searches.
+        kl_batches: images the KL is measured on (the pipeline's guard passes a held-out split of the
+            calibration set, so the choice is not judged on the images that set the ranges).
+        ref_logits: reference logits on ``kl_batches`` (the guard passes the FP32 teacher's); default: the
+            student itself with every quantizer off.
 
     Returns:
         (per-layer stats of the chosen set, with ``"method"``; KL of every set tried).
     """
     model.eval()
-    kl_batches, seen = [], 0
-    for x in batches:
-        if seen >= kl_images:
-            break
-        kl_batches.append(x[: kl_images - seen])
-        seen += kl_batches[-1].shape[0]
-    set_weight_quant(model, False)
-    _set_act(model, False)
-    try:
-        ref = [model(x.to(device)).detach() for x in kl_batches]
-    finally:
-        set_weight_quant(model, True)
-        _set_act(model, True)
+    if kl_batches is None:
+        kl_batches, seen = [], 0
+        for x in batches:
+            if seen >= kl_images:
+                break
+            kl_batches.append(x[: kl_images - seen])
+            seen += kl_batches[-1].shape[0]
+    if ref_logits is None:
+        set_weight_quant(model, False)
+        _set_act(model, False)
+        try:
+            ref = [model(x.to(device)).detach() for x in kl_batches]
+        finally:
+            set_weight_quant(model, True)
+            _set_act(model, True)
+    else:
+        ref = list(ref_logits)
     kls: dict[str, float] = {}
     best: tuple[float, str, dict, dict] | None = None
     for method in methods:
