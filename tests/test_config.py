@@ -16,6 +16,7 @@ from zeroshot_kd.quant.modules import QuantConfig
 from zeroshot_kd.quant.pipeline import CalibrationOptions
 from zeroshot_kd.quant.recon import ReconConfig
 from zeroshot_kd.synthesis import METHODS
+from zeroshot_kd.synthesis.adi import AdaptiveConfig
 from zeroshot_kd.synthesis.engine import SynthesisConfig
 from zeroshot_kd.training import TrainConfig
 
@@ -26,7 +27,10 @@ NON_DEFAULT = [
     CalibrationOptions("gaussian:8", num_images=8, holdout=0, eval_data="fashion-mnist:test", batch_size=4,
                        a_method="mse", recon=True, recon_drop=1.0, equalize=True, mixed_precision=True,
                        size_budget="0.1x", scale_lr=1e-4, seed=3),
-    ReconConfig(iters=5, batch_size=8, drop_prob=1.0, reg=0.1, beta=(10.0, 1.0), warmup=0.0, lr_round=1e-2),
+    ReconConfig(iters=5, batch_size=8, drop_prob=1.0, reg=0.1, beta=(10.0, 1.0), warmup=0.0, lr_round=1e-2,
+                mode="genie", lr_w_scale=1e-3, time_floor=2),
+    AdaptiveConfig(rounds=3, distill_steps=4, objectives=("kd", "rkd"), lr=0.1, batch_size=8, optimizer="adam",
+                   weight_decay=0.0, schedule="constant"),
     SynthesisConfig("bns", 10, 4, 2, "3,7", METHODS["bns"].hyperparameters({"iterations": 3}), "bf16"),
 ]
 
@@ -75,6 +79,9 @@ BAD = [
     (lambda: CalibrationOptions("gaussian:4", size_budget="1MB"), "--size-budget needs --mixed-precision"),
     (lambda: ReconConfig(drop_prob=1.5), "--recon-drop must be in \\(0, 1\\]"),
     (lambda: ReconConfig(beta=(20.0,)), "beta needs two positive values"),
+    (lambda: ReconConfig(mode="brecq"), "unknown reconstruction mode 'brecq'"),
+    (lambda: AdaptiveConfig(rounds=2), "--rounds 2 needs --distill-steps"),
+    (lambda: CalibrationOptions("gaussian:4", bias_correction_mode="exact"), "--bias-correction-mode"),
     (lambda: SynthesisConfig("bns", 0, 4, 0, "balanced", {}), "--num-images must be at least 1"),
     (lambda: SynthesisConfig("bns", 4, 4, 0, "balanced", {"lr": -1.0}), "--lr must be positive"),
     (lambda: SynthesisConfig("bns", 4, 4, 0, "balanced", {"tv_l2": float("inf")}), "--tv-l2"),

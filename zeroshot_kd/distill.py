@@ -30,7 +30,6 @@ from .modelspec import ModelRecord, build_model
 from .models import noskip_card
 from .objectives import ObjectiveSet, build
 from .runtime import batch_generator, batch_seed
-from .teachers import Teacher, load_teacher
 from .teachers import Teacher, load_checkpoint_state, load_teacher
 from .training import TrainConfig, shuffled_batches, train_student
 
@@ -187,7 +186,8 @@ def distill(
     result = train_student(student, tmodel, data, objset, cfg, device, spec=teacher.spec, batches=batches,
                            pairs=labels is not None, eval_data=eval_data, metrics=metrics, checkpoint=out,
                            checkpoint_meta=meta,
-                           on_checkpoint=(lambda rec: _write_card(out, teacher, student_card, specs, cfg, rec))
+                           on_checkpoint=(lambda rec: write_card(out, student_card, teacher.spec, teacher.to_dict(), specs,
+                                                                      cfg, rec))
                            if out is not None and student_card is not None else None,
                            on_record=on_epoch, progress=progress, tag="distill")
     records = result.records
@@ -196,12 +196,16 @@ def distill(
             "metrics": str(metrics) if metrics is not None else None}
 
 
-def _write_card(out: str | os.PathLike, teacher: Teacher, card: dict[str, Any], specs: list[str] | None,
-                cfg: DistillConfig, rec: dict[str, Any]) -> None:
-    doc: dict[str, Any] = {"architecture": card, "input_spec": teacher.spec.to_dict(),
-                           "distilled_from": teacher.to_dict(), "objectives": specs, "config": cfg.to_dict(),
-                           "last_epoch": rec}
-    top1 = (rec.get("eval") or {}).get("top1")
+def write_card(out: str | os.PathLike, architecture: dict[str, Any], input_spec: Any, distilled_from: dict[str, Any],
+               objectives: list[str] | None, cfg: DistillConfig, last: dict[str, Any], *,
+               last_key: str = "last_epoch", extra: dict[str, Any] | None = None) -> None:
+    """The JSON card beside a distilled student's checkpoint (``OUT.json``), so ``load_teacher(OUT)`` rebuilds it:
+    its architecture record, input spec, teacher, objectives, training config, last record (``last_key``) and its
+    top-1 when that record has one. Written by ``zkd distill``, the recipes and adaptive adi."""
+    doc: dict[str, Any] = {"architecture": architecture, "input_spec": input_spec.to_dict(),
+                           "distilled_from": distilled_from, "objectives": objectives, "config": cfg.to_dict(),
+                           **(extra or {}), last_key: last}
+    top1 = (last.get("eval") or {}).get("top1")
     if top1 is not None:
         doc["test_accuracy"] = top1          # percent, as the shipped teachers' cards
     atomic_write_json(Path(out).with_suffix(".json"), doc)

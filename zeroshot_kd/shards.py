@@ -287,7 +287,7 @@ class ShardDataset(Dataset):
             path = self.root / entry["file"]
             if verify:
                 self.verify_shard(path, entry["sha256"])
-            found = self._index(path, self.spec)
+            found = self.index_shard(path, self.spec)
             if len(found) != entry["count"]:
                 raise ZkdError(f"shard {path} holds {len(found)} samples, manifest says {entry['count']}; "
                                "re-run 'zkd synthesize --resume'")
@@ -307,7 +307,8 @@ class ShardDataset(Dataset):
                            "delete it and re-run 'zkd synthesize --resume' (or pass --no-verify if you trust it)")
 
     @staticmethod
-    def _index(path: Path, spec: InputSpec | None = None) -> list[tuple[Path, int, int, int, str]]:
+    def index_shard(path: Path, spec: InputSpec | None = None) -> list[tuple[Path, int, int, int, str]]:
+        """The samples of one shard as (path, offset, size, label, key), checked against ``spec`` if given."""
         samples: dict[str, dict[str, Any]] = {}
 
         def refuse(key: str, what: str) -> ZkdError:

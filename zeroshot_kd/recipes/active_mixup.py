@@ -34,8 +34,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..errors import ZkdError
+from .. import distill
 from ..evaluate import evaluate_model
-from ..io import atomic_write_bytes, atomic_write_json
+from ..io import atomic_write_bytes
 from ..runtime import batch_generator, batch_seed
 from ..training import TrainConfig, train_student, write_checkpoint
 
@@ -365,16 +366,8 @@ def dataset_images(data: Dataset, batch_size: int = 512) -> torch.Tensor:
 
 def write_card(out: str | os.PathLike, architecture: dict[str, Any], teacher_info: dict[str, Any], spec: Any,
                config: TrainConfig, summary: dict[str, Any]) -> None:
-    """The JSON card beside an Active Mixup student checkpoint, so ``load_teacher(out)`` rebuilds it (the layout
-    of ``zkd distill``'s cards, plus the query count)."""
-    from pathlib import Path
-
-    final = summary["final"]
-    doc: dict[str, Any] = {"architecture": architecture, "input_spec": spec.to_dict(), "distilled_from": teacher_info,
-                           "recipe": "active-mixup", "objectives": ["kd"], "config": config.to_dict(),
-                           "queries": summary["queries"], "query_budget": summary["query_budget"],
-                           "selection": summary["selection"], "last_round": final}
-    top1 = (final.get("eval") or {}).get("top1")
-    if top1 is not None:
-        doc["test_accuracy"] = top1
-    atomic_write_json(Path(out).with_suffix(".json"), doc)
+    """The JSON card beside an Active Mixup student checkpoint, so ``load_teacher(out)`` rebuilds it (``zkd
+    distill``'s card, plus the query count)."""
+    distill.write_card(out, architecture, spec, teacher_info, ["kd"], config, summary["final"], last_key="last_round",
+                       extra={"recipe": "active-mixup", "queries": summary["queries"],
+                              "query_budget": summary["query_budget"], "selection": summary["selection"]})

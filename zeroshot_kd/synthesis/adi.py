@@ -20,13 +20,14 @@ card beside it (what ``zkd distill`` writes), when the student came from a spec.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from ..bn import deepinversion_feature_loss
+from ..config import Config, require
 from ..errors import ZkdError
 from ..training import TrainConfig
 from .base import Method
@@ -75,7 +76,7 @@ def competition_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 
 @dataclass(frozen=True)
-class AdaptiveConfig:
+class AdaptiveConfig(Config):
     """The adaptive synthesize-distill loop of ADI (see the module docstring).
 
     Attributes:
@@ -87,7 +88,11 @@ class AdaptiveConfig:
         optimizer: ``sgd`` or ``adam`` (:class:`~zeroshot_kd.training.TrainConfig`).
         weight_decay: weight decay of the student.
         schedule: ``cosine`` or ``constant`` over each round's steps.
+
+    Recorded in the run's config (``to_dict``), so ``--resume`` refuses other settings.
     """
+
+    config_name: ClassVar[str] = "adaptive adi"
 
     rounds: int = 1
     distill_steps: int = 0
@@ -109,9 +114,7 @@ class AdaptiveConfig:
             (self.lr > 0, f"--distill-lr must be > 0, got {self.lr}"),
             (len(self.objectives) >= 1, "the adaptive loop needs at least one distillation objective"),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise ZkdError(msg)
+        require(checks)
 
     @classmethod
     def from_options(cls, rounds: int = 1, distill_steps: int = 0, distill_lr: float = 0.05,
@@ -149,24 +152,6 @@ class AdaptiveConfig:
         return TrainConfig(steps=self.distill_steps, batch_size=self.batch_size, lr=self.lr,
                            optimizer=self.optimizer, weight_decay=self.weight_decay, schedule=self.schedule,
                            seed=seed, precision=precision)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (recorded in the run's config, so ``--resume`` refuses other settings)."""
-        d = asdict(self)
-        d["objectives"] = list(self.objectives)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AdaptiveConfig":
-        """Inverse of :meth:`to_dict`; missing keys take their defaults."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ZkdError(f"unknown adaptive adi option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-        d = dict(d)
-        if "objectives" in d:
-            d["objectives"] = tuple(d["objectives"])
-        return cls(**d)
 
 
 def round_tag(r: int) -> str:

@@ -510,7 +510,7 @@ def stored_images(out: str | Path, batches: range, spec: InputSpec) -> torch.uti
         path = Path(out) / done[b]["file"]
         ShardDataset.verify_shard(path, done[b]["sha256"])
         with open(path, "rb") as f:
-            for _, offset, size, label, _ in ShardDataset._index(path, spec):
+            for _, offset, size, label, _ in ShardDataset.index_shard(path, spec):
                 f.seek(offset)
                 xs.append(decode_npy(f.read(size)).float())
                 ys.append(label)
@@ -544,7 +544,7 @@ def _write_student(out: Path, teacher: Teacher, student: nn.Module, card: dict[s
                    adaptive: AdaptiveConfig, cfg: SynthesisConfig, round_log: list[dict[str, Any]]) -> None:
     """``out/student.pt`` in ``zkd distill``'s checkpoint format, with its card when the student came from a spec
     (so ``load_teacher(out/student.pt)`` and ``zkd evaluate`` load it)."""
-    from ..distill import _write_card
+    from ..distill import write_card
     from ..training import write_checkpoint
 
     steps = sum(rec["step"] for rec in round_log)
@@ -554,8 +554,8 @@ def _write_student(out: Path, teacher: Teacher, student: nn.Module, card: dict[s
                                               "synthesis": "adi", "rounds": adaptive.rounds, "epoch": 1,
                                               "step": steps})
     if card is not None:
-        _write_card(out / STUDENT, teacher, card, specs, adaptive.train_config(cfg.seed, cfg.precision),
-                    {"rounds": round_log, "step": steps})
+        write_card(out / STUDENT, card, teacher.spec, teacher.to_dict(), specs,
+                   adaptive.train_config(cfg.seed, cfg.precision), {"rounds": round_log, "step": steps})
 
 
 def _describe(student: str | nn.Module | None) -> str | None:
