@@ -122,7 +122,8 @@ def test_bias_correction_removes_mean_shift_of_linear():
         assert torch.allclose(q(x).mean(0), lin(x).mean(0), atol=1e-5)
 
 
-def test_output_search_picks_bruteforce_optimum():
+@pytest.mark.parametrize("stride", [1, 5])
+def test_output_search_picks_bruteforce_optimum(stride):
     torch.manual_seed(0)
     lin = nn.Linear(16, 5)
     q = QuantLinear.from_float(lin, 4, 3, False)
@@ -130,7 +131,9 @@ def test_output_search_picks_bruteforce_optimum():
     g = torch.Generator().manual_seed(4)
     x = torch.relu(torch.randn(96, 16, generator=g)) * torch.rand(1, 16, generator=g) * 3
     x[0, 3] = 40.0  # an outlier
-    stats = search_act_output(q, [x[:48], x[48:]], torch.device("cpu"), candidates=25)
+    stats = search_act_output(q, [x[:48], x[48:]], torch.device("cpu"), candidates=25, stride=stride)
+    # coarse-to-fine: 5 coarse points + at most 2 x 8 neighbours, fewer than the 25 of the exhaustive grid
+    assert stats[""]["evaluated"] == 25 if stride == 1 else stats[""]["evaluated"] <= 5 + 16
     with torch.no_grad():
         ref = lin(x)
         wq = q.wq(q.weight)

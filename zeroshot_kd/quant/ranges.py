@@ -104,19 +104,29 @@ def following_activations(model: nn.Module) -> dict[str, nn.Module]:
 @torch.no_grad()
 def search_act_output(model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device,
                       candidates: int = 100, min_ratio: float = 0.0,
-                      post_activation: bool = False) -> dict[str, dict[str, float]]:
+                      post_activation: bool = False, stride: int = 5) -> dict[str, dict[str, float]]:
     """Set every activation quantizer's range by the output-error search (see the module docstring).
+
+    The ratios are searched coarse to fine: every ``stride``-th ratio first (``r = 1`` always among them), then the
+    ``stride - 1`` neighbours on each side of each layer's two best coarse points, so a layer runs at most
+    ``candidates / stride + 4 (stride - 1)`` candidate convolutions per batch instead of ``candidates`` (36 instead
+    of 100 at the defaults: the exhaustive search was 70% of the default guard's time). Two points, not one,
+    because a few layers' error curves have two dips (measured on the shipped MobileNetV2: refining around the
+    best coarse point alone picked another ratio than the exhaustive search on 2 of 51 layers).
+    ``stride=1`` is the exhaustive search; the chosen ratio is always the lowest error among the ratios evaluated,
+    ``r = 1`` included, so per layer it never has a larger output error than min/max.
 
     Args:
         model: the student, weights already calibrated; run in eval mode.
         batches: calibration input batches (normalized).
         device: where to run.
-        candidates: clipping ratios ``k / candidates``, k = 1..candidates, are tried.
+        candidates: clipping ratios ``k / candidates``, k = 1..candidates, are the search grid.
         min_ratio: skip ratios below this (0 tries them all).
         post_activation: compare outputs after the ReLU/ReLU6 that directly follows the layer, if any
             (:func:`following_activations`). Off by default: measured on fmnist_mobilenetv2 (256 real images,
             2000 test images) it gave W4A4 88.95 vs 88.10, W3A3 77.00 vs 78.00, but every layer at W4A4 47.35
             vs 76.60 -- the pre-activation error is the safer criterion.
+        stride: coarse step of the grid, in grid points (1 = evaluate every ratio).
 
     Returns:
         Per layer: observed min/max, sign, chosen ratio, scale and zero point.
@@ -126,53 +136,76 @@ def search_act_output(model: nn.Module, batches: Sequence[torch.Tensor], device:
     lo: dict[str, float] = {n: math.inf for n, _ in layers}
     hi: dict[str, float] = {n: -math.inf for n, _ in layers}
     post = following_activations(model) if post_activation else {}
+    addrs = [f"{n}@in" for n, _ in layers]
     _set_act(model, False)
     modules = dict(layers)
+    k_min = max(1, math.ceil(min_ratio * candidates - 1e-9))
+    stride = max(1, int(stride))
+    errs: dict[str, dict[int, float]] = {n: {} for n, _ in layers}  # layer -> grid point k -> output error
     try:
         def observe(addr: str, x: torch.Tensor) -> None:
             name = addr[: -len("@in")]
             lo[name] = min(lo[name], x.min().item())
             hi[name] = max(hi[name], x.max().item())
 
-        with Capture(model, [f"{n}@in" for n, _ in layers], reduce=observe, detach=True):
+        with Capture(model, addrs, reduce=observe, detach=True):
             for x in batches:
                 model(x.to(device))
-        ratios = [k / candidates for k in range(candidates, 0, -1) if k / candidates >= min_ratio] or [1.0]
-        grids: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        errs: dict[str, torch.Tensor] = {}
-        for n, l in layers:
-            signed = lo[n] < 0
-            lo_t = torch.tensor([min(lo[n], 0.0)], device=device)
-            hi_t = torch.tensor([max(hi[n], 0.0)], device=device)
-            grids[n] = [qparams_from_range(lo_t * r, hi_t * r, l.aq.qmin, l.aq.qmax, not signed) for r in ratios]
-            errs[n] = torch.zeros(len(ratios), dtype=torch.float64)
 
-        def accumulate(addr: str, x: torch.Tensor) -> None:
-            name = addr[: -len("@in")]
-            m = modules[name]
-            x = x.float()
-            act = post.get(name, nn.Identity())
-            ref = act(_layer_out(m, x, m.weight))
-            wq = m.wq(m.weight)
-            aq: FakeQuantizer = m.aq
-            e = torch.stack([(act(_layer_out(m, _fq(x, s, z, aq.qmin, aq.qmax), wq)) - ref).pow(2).sum()
-                             for s, z in grids[name]])
-            errs[name] += e.double().cpu()
+        def qparams(n: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+            aq = modules[n].aq
+            r = k / candidates
+            lo_t = torch.tensor([min(lo[n], 0.0) * r], device=device)
+            hi_t = torch.tensor([max(hi[n], 0.0) * r], device=device)
+            return qparams_from_range(lo_t, hi_t, aq.qmin, aq.qmax, not lo[n] < 0)
 
-        with Capture(model, [f"{n}@in" for n, _ in layers], reduce=accumulate, detach=True):
-            for x in batches:
-                model(x.to(device))
+        def evaluate(ks: dict[str, list[int]]) -> None:
+            """One pass over the batches accumulating each layer's output error at its grid points ``ks``."""
+            grids = {n: [qparams(n, k) for k in ks[n]] for n in ks}
+            acc = {n: torch.zeros(len(ks[n]), dtype=torch.float64) for n in ks}
+
+            def accumulate(addr: str, x: torch.Tensor) -> None:
+                name = addr[: -len("@in")]
+                if not grids[name]:
+                    return
+                m = modules[name]
+                x = x.float()
+                act = post.get(name, nn.Identity())
+                ref = act(_layer_out(m, x, m.weight))
+                wq = m.wq(m.weight)
+                aq: FakeQuantizer = m.aq
+                e = torch.stack([(act(_layer_out(m, _fq(x, s, z, aq.qmin, aq.qmax), wq)) - ref).pow(2).sum()
+                                 for s, z in grids[name]])
+                acc[name] += e.double().cpu()
+
+            with Capture(model, addrs, reduce=accumulate, detach=True):
+                for x in batches:
+                    model(x.to(device))
+            for n in ks:
+                errs[n].update(zip(ks[n], acc[n].tolist()))
+
+        coarse = sorted(set(range(candidates, k_min - 1, -stride)) | {candidates}, reverse=True)
+        evaluate({n: coarse for n, _ in layers})
+        if stride > 1:
+            fine: dict[str, list[int]] = {}
+            for n, _ in layers:
+                near: set[int] = set()
+                for best in sorted(errs[n], key=lambda k: (errs[n][k], -k))[:2]:  # two best: curves can be bimodal
+                    near.update(range(max(k_min, best - stride + 1), min(candidates, best + stride - 1) + 1))
+                fine[n] = sorted(near - errs[n].keys(), reverse=True)
+            evaluate(fine)
     finally:
         _set_act(model, True)
     stats: dict[str, dict[str, float]] = {}
     for n, l in layers:
-        k = int(torch.argmin(errs[n]).item())
-        s, z = grids[n][k]
+        k = min(errs[n], key=lambda k: (errs[n][k], -k))  # ties: the wider range
+        s, z = qparams(n, k)
         signed = lo[n] < 0
         l.set_act_signed(signed)
         l.aq.set_qparams(s, z)
-        stats[n] = {"min": lo[n], "max": hi[n], "signed": signed, "ratio": ratios[k], "scale": l.aq.scale.item(),
-                    "zero_point": l.aq.zero_point.item()}
+        stats[n] = {"min": lo[n], "max": hi[n], "signed": signed, "ratio": k / candidates,
+                    "scale": l.aq.scale.item(), "zero_point": l.aq.zero_point.item(),
+                    "evaluated": len(errs[n])}
     return stats
 
 
