@@ -47,14 +47,17 @@ def one_thread():
 
 
 def spy_rand(monkeypatch) -> list:
-    """Patch torch.rand for the rest of the test; returns the (device asked for, generator's device) of every call."""
+    """Patch torch.rand and torch.randint (QDrop's masks draw bytes with randint) for the rest of the test; returns
+    the (device asked for, generator's device) of every call."""
     calls = []
-    rand = torch.rand
 
-    def spy(*args, generator=None, device=None, **kw):
-        calls.append((None if device is None else torch.device(device), None if generator is None else
-                      generator.device))
-        return rand(*args, generator=generator, device=device, **kw)
+    def wrap(fn):
+        def spy(*args, generator=None, device=None, **kw):
+            calls.append((None if device is None else torch.device(device), None if generator is None else
+                          generator.device))
+            return fn(*args, generator=generator, device=device, **kw)
+        return spy
 
-    monkeypatch.setattr(torch, "rand", spy)
+    monkeypatch.setattr(torch, "rand", wrap(torch.rand))
+    monkeypatch.setattr(torch, "randint", wrap(torch.randint))
     return calls

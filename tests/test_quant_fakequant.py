@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import spy_rand
 
 from zeroshot_kd.quant.calibrate import qparams_from_range, search_act_qparams, search_weight_qparams
-from zeroshot_kd.quant.fakequant import FakeQuantizer, int_range, rectified_sigmoid, sqnr_db
+from zeroshot_kd.quant.fakequant import FakeQuantizer, bernoulli_mask, int_range, rectified_sigmoid, sqnr_db
 from zeroshot_kd.quant.modules import QuantConv2d
 
 
@@ -206,9 +206,21 @@ def test_qdrop_masks_are_drawn_on_the_tensors_device_and_seeded(monkeypatch):
     # the mask is the generator's stream: the same seed gives the same output; each element is x or its code
     q.drop_generator = torch.Generator(device=x.device).manual_seed(7)
     assert torch.equal(q(x), out)
-    keep_q = torch.rand(x.shape, generator=torch.Generator().manual_seed(7)) >= 0.5
+    words = torch.randint(-(1 << 63), (1 << 63) - 1, (8,), generator=torch.Generator().manual_seed(7))
+    keep_q = words.view(torch.uint8)[:60].view(x.shape) < 128  # the mask's rule, written out: byte < 256 (1 - p)
     q.drop_prob = 0.0
     torch.testing.assert_close(out, torch.where(keep_q, q(x), x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.1, 0.9, 0.3])
+def test_bernoulli_mask_frequency(p):
+    g = torch.Generator().manual_seed(int(p * 100))
+    m = bernoulli_mask((1000, 1000), p, g, "cpu")
+    # True with probability round(256 p) / 256; binomial sd of the mean is < 5e-4 at 1e6 draws
+    assert m.float().mean().item() == pytest.approx(round(256 * p) / 256, abs=2.5e-3)
+    assert bernoulli_mask((3, 7), 0.0, g, "cpu").sum() == 0 and bernoulli_mask((3, 7), 1.0, g, "cpu").all()
+    # odd sizes: the last partial word is cut, not reused
+    assert bernoulli_mask((5, 3), p, torch.Generator().manual_seed(1), "cpu").shape == (5, 3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

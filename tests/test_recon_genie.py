@@ -10,7 +10,7 @@ import torch
 
 from zeroshot_kd.data import FASHION_MNIST_SPEC
 from zeroshot_kd.errors import ZkdError
-from zeroshot_kd.quant.fakequant import FakeQuantizer, rectified_sigmoid
+from zeroshot_kd.quant.fakequant import FakeQuantizer, bernoulli_mask, rectified_sigmoid
 from zeroshot_kd.quant.modules import QuantConfig, quant_layers
 from zeroshot_kd.quant.pipeline import CalibrationOptions, calibrate_student
 from zeroshot_kd.quant.recon import ReconConfig, reconstruct
@@ -74,7 +74,7 @@ def test_lsq_step_gradient_with_qdrop_mask_matches_closed_form():
     upstream = torch.randn(4, 6, 5, generator=torch.Generator().manual_seed(2))
     out = fq(x)
     (out * upstream).sum().backward()
-    keep = torch.rand(x.shape, generator=torch.Generator().manual_seed(batch_seed(5, 2, "qdrop:blk"))) >= 0.5
+    keep = bernoulli_mask(x.shape, 0.5, torch.Generator().manual_seed(batch_seed(5, 2, "qdrop:blk")), "cpu")
     with torch.no_grad():
         y = x * (1.0 / torch.tensor(s))
         code = torch.round(y) + z

@@ -23,6 +23,7 @@ with ``s`` learnable, so ``d w_hat / d s = clamp(B + h(V) + z) - z`` (the soft c
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ __all__ = [
     "ADAROUND_GAMMA",
     "ADAROUND_ZETA",
     "FakeQuantizer",
+    "bernoulli_mask",
     "clamp_ste",
     "grad_scale",
     "int_range",
@@ -124,6 +126,24 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
     """Return ``x`` unchanged; its gradient is multiplied by ``factor`` (LSQ's ``g``)."""
     return _GradScale.apply(x, factor)
+
+
+def bernoulli_mask(shape: Sequence[int], p: float, generator: torch.Generator | None,
+                   device: torch.device | str) -> torch.Tensor:
+    """A boolean mask, each element True with probability ``p`` rounded to a multiple of 1/256 (exact for QDrop's
+    0.5), drawn on ``device`` from ``generator``.
+
+    Why not ``torch.rand(shape) < p``: on a CPU the generator is serial and a float per element made QDrop's
+    masks the largest single cost of a depthwise block's reconstruction step (3.4 of 29 s in a profile, more
+    than its convolutions). Here one 64-bit draw gives eight uniform bytes, compared with ``round(256 p)``:
+    8x fewer draws, measured 3.8x faster on CPU for a 262k-element mask.
+    """
+    numel = math.prod(shape)
+    k = round(p * 256)
+    if k <= 0 or k >= 256:
+        return torch.full(tuple(shape), k >= 256, dtype=torch.bool, device=device)
+    words = torch.randint(-(1 << 63), (1 << 63) - 1, ((numel + 7) // 8,), generator=generator, device=device)
+    return words.view(torch.uint8)[:numel].view(tuple(shape)) < k
 
 
 def clamp_ste(q: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
@@ -249,7 +269,7 @@ class FakeQuantizer(nn.Module):
         s, z = self.scale, self.zero_point
         need_grad = torch.is_grad_enabled() and (xf.requires_grad or s.requires_grad or self.adaround is not None)
         if need_grad and self.adaround is None:
-            keep = (torch.rand(xf.shape, generator=self.drop_generator, device=xf.device) >= self.drop_prob
+            keep = (bernoulli_mask(xf.shape, 1.0 - self.drop_prob, self.drop_generator, xf.device)
                     if self.drop_prob > 0 else None)
             factor = self.grad_factor(xf) if s.requires_grad else 1.0
             out = _FakeQuantLSQ.apply(xf, self._shaped(s, xf), self._shaped(z, xf), self.qmin, self.qmax, factor,
@@ -269,7 +289,7 @@ class FakeQuantizer(nn.Module):
             q = torch.clamp(torch.round(xf * inv) + z, self.qmin, self.qmax)
         out = (q - z) * s
         if self.drop_prob > 0:
-            keep_q = torch.rand(out.shape, generator=self.drop_generator, device=out.device) >= self.drop_prob
+            keep_q = bernoulli_mask(out.shape, 1.0 - self.drop_prob, self.drop_generator, out.device)
             out = torch.where(keep_q, out, xf)
         return out.to(x.dtype)
 

