@@ -143,7 +143,8 @@ def calibrate_cell(teacher: Any, source: str, setting: str, seed: int, calib_ima
     from zeroshot_kd.quant.pipeline import CalibrationOptions, calibrate_student
 
     t = time.perf_counter()
-    opts = CalibrationOptions(data=source, num_images=calib_images, holdout=0, seed=seed, progress=False)
+    opts = CalibrationOptions(data=source, num_images=calib_images, holdout=0, seed=seed, recon=False,
+                              progress=False)
     result = calibrate_student(teacher, QuantConfig(**SETTINGS[setting]), opts, torch.device("cpu"))
     ev = evaluate_model(result.student, test, "cpu", progress=False)
     return {"top1": ev["top1"], "seconds": time.perf_counter() - t,

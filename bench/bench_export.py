@@ -95,7 +95,7 @@ def run_model(label: str, cfg: dict[str, Any], args: argparse.Namespace, tmp: Pa
             cal = cal_images
         config = QuantConfig(b, b)
         opts = CalibrationOptions(data=cfg["cal"], num_images=cal, holdout=0, batch_size=16, candidates=50,
-                                  progress=False)
+                                  recon=False, progress=False)
         t0 = time.perf_counter()
         res = calibrate_student(teacher, config, opts, torch.device("cpu"))
         path = tmp / f"{label}-w{b}.pt"

@@ -1,5 +1,5 @@
 """Where quantization is hard (issue 11): W4A4, W3A3, W4A4 with every layer quantized and W2A4 (ResNet only), for
-both shipped teachers, calibrated on real images, Gaussian noise and small bns / deepinversion shard sets.
+both shipped teachers, calibrated on real images, Gaussian noise and small inception / bns / deepinversion shard sets.
 
 Columns, each top-1 on real Fashion-MNIST test images after a calibration with the library pipeline (the code behind
 ``zkd calibrate``):
@@ -10,9 +10,11 @@ Columns, each top-1 on real Fashion-MNIST test images after a calibration with t
 * ``default PTQ``: today's default, the loss-aware guard (``--a-method auto``: {mse, output, minmax} x {CLE + bias
   correction off, on}, lowest logit KL to the FP32 teacher on a held-out quarter of the calibration images);
   ``chosen`` names the candidate it kept;
-* ``+ recon``: the default PTQ student followed by block reconstruction (AdaRound + QDrop, ``--recon-iters``
-  steps/block, the pipeline's other recon defaults);
-* ``+ KD fine-tune``: the ``+ recon`` student followed by ``--finetune-steps`` of KD fine-tuning (T^2 KL at T = 4,
+* ``+ recon (qdrop)`` / ``+ recon (genie)``: the default PTQ student followed by block reconstruction,
+  ``--recon-iters`` steps/block and the pipeline's other recon defaults, in the two modes: AdaRound + LSQ
+  activation steps + QDrop (``--recon-mode qdrop``) and GENIE-M (weight step sizes learned jointly with the
+  rounding, ``--recon-mode genie``);
+* ``+ KD fine-tune``: the ``+ recon (genie)`` student followed by ``--finetune-steps`` of KD fine-tuning (T^2 KL at T = 4,
   LSQ step sizes + weights, the calibration images; the pipeline's defaults), W3A3 and every-layer W4A4 only;
 * ``mixed @ uniform size``: the default PTQ with per-layer weight bits from {2,3,4,6,8} (ZeroQ sensitivity, DP
   allocation) at the weight size of the uniform student.
@@ -64,8 +66,9 @@ W2_TEACHERS = ("fmnist_resnet14",)
 FT_SETTINGS = ("W3A3", "W4A4 all layers")
 NO_PRE = {"a_method": "mse", "equalize": False, "bias_correction": False}
 PTQ_COLUMNS = ["naive min/max", "old MSE PTQ", "default PTQ"]
-COLUMNS = PTQ_COLUMNS + ["+ recon", "+ KD fine-tune", "mixed @ uniform size"]
-SHARD_METHODS = {"bns": {}, "deepinversion": {"bn_weight": 0.1}}
+RECON_COLUMNS = {"+ recon (qdrop)": "qdrop", "+ recon (genie)": "genie"}
+COLUMNS = PTQ_COLUMNS + list(RECON_COLUMNS) + ["+ KD fine-tune", "mixed @ uniform size"]
+SHARD_METHODS = {"inception": {}, "bns": {}, "deepinversion": {"bn_weight": 0.1}}
 
 
 @torch.no_grad()
@@ -145,7 +148,7 @@ class Bench:
         a = self.args
         d = {"teacher": tname, "source": source, "n": a.num_images, "setting": setting, "col": col,
              "recon_iters": a.recon_iters, "ft": a.finetune_steps, "eval": a.eval_images,
-             "shard_it": a.shard_iterations, "v": 2}
+             "shard_it": a.shard_iterations, "v": 3}
         return CACHE / "lowbit" / (hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16] + ".json")
 
     def cached(self, tname: str, source: str, setting: str, col: str) -> dict[str, Any] | None:
@@ -166,8 +169,8 @@ class Bench:
         label, w, a, keep = setting
         teacher = self.teacher(tname)
         data = calibration_data(tname, source, self.args)
-        opts = CalibrationOptions(data=data, num_images=self.args.num_images, holdout=0,
-                                  recon_iters=self.args.recon_iters, progress=False, **kw)
+        opts = CalibrationOptions(data=data, num_images=self.args.num_images, holdout=0, recon=False,
+                                  progress=False, **kw)
         t0 = time.perf_counter()
         res = calibrate_student(teacher, QuantConfig(w, a, keep_8bit=keep), opts, self.dev)
         return res, time.perf_counter() - t0
@@ -193,36 +196,40 @@ class Bench:
                         kl=res.report["ranges"]["kl_by_candidate"])
 
     def recon_ft(self, tname: str, source: str, setting: tuple) -> None:
+        """Both reconstruction modes from the cached default-PTQ student; KD fine-tuning after GENIE-M."""
         label = setting[0]
         base = self.cached(tname, source, label, "default PTQ")
         blob = self.key(tname, source, label, "default PTQ").with_suffix(".pt")
         if base is None or not blob.is_file():
             return
         need_ft = label in FT_SETTINGS and self.args.finetune_steps > 0
-        if self.cached(tname, source, label, "+ recon") is not None and (
-                not need_ft or self.cached(tname, source, label, "+ KD fine-tune") is not None):
-            return
         teacher = self.teacher(tname)
-        saved = torch.load(blob, weights_only=False)
-        student, fp_model = saved["student"], saved["fp_model"]
         ds = make_dataset(calibration_data(tname, source, self.args), teacher.spec, num_images=self.args.num_images,
                           seed=0)
         cal_x = torch.stack([ds[i][0] for i in range(len(ds))])
         cal_y = torch.tensor([int(ds[i][1]) for i in range(len(ds))])
         d = CalibrationOptions(data="gaussian:1")
-        t0 = time.perf_counter()
-        rcfg = ReconConfig(iters=self.args.recon_iters, batch_size=d.batch_size, drop_prob=d.recon_drop,
-                           reg=d.recon_lambda, lr_round=d.recon_lr)
-        reconstruct(student, fp_model, [cal_x[i:i + 128] for i in range(0, len(cal_x), 128)], self.dev, rcfg,
-                    seed=d.seed, progress=False)
-        sec = base["calibrate_s"] + time.perf_counter() - t0
-        self.record(tname, source, label, "+ recon", student, sec)
-        if need_ft:
+        for col, mode in RECON_COLUMNS.items():
+            ft_here = need_ft and mode == "genie"
+            if self.cached(tname, source, label, col) is not None and (
+                    not ft_here or self.cached(tname, source, label, "+ KD fine-tune") is not None):
+                continue
+            saved = torch.load(blob, weights_only=False)
+            student, fp_model = saved["student"], saved["fp_model"]
             t0 = time.perf_counter()
-            finetune(student, teacher.model, TensorDataset(cal_x, cal_y), self.args.finetune_steps,
-                     finetune_objectives(None, d.temperature), lr=d.lr, scale_lr=d.scale_lr, batch_size=d.batch_size,
-                     seed=d.seed, device=self.dev, precision=d.precision, spec=teacher.spec, progress=False)
-            self.record(tname, source, label, "+ KD fine-tune", student, sec + time.perf_counter() - t0)
+            rcfg = ReconConfig(iters=self.args.recon_iters, batch_size=d.batch_size, drop_prob=d.recon_drop,
+                               reg=d.recon_lambda, lr_round=d.recon_lr, mode=mode)
+            reconstruct(student, fp_model, [cal_x[i:i + 128] for i in range(0, len(cal_x), 128)], self.dev, rcfg,
+                        seed=d.seed, progress=False)
+            sec = base["calibrate_s"] + time.perf_counter() - t0
+            self.record(tname, source, label, col, student, sec)
+            if ft_here:
+                t0 = time.perf_counter()
+                finetune(student, teacher.model, TensorDataset(cal_x, cal_y), self.args.finetune_steps,
+                         finetune_objectives(None, d.temperature), lr=d.lr, scale_lr=d.scale_lr,
+                         batch_size=d.batch_size, seed=d.seed, device=self.dev, precision=d.precision,
+                         spec=teacher.spec, progress=False)
+                self.record(tname, source, label, "+ KD fine-tune", student, sec + time.perf_counter() - t0)
 
     def mixed(self, tname: str, source: str, setting: tuple) -> None:
         if self.cached(tname, source, setting[0], "mixed @ uniform size") is None:
@@ -243,10 +250,10 @@ def tables(bench: Bench, args: argparse.Namespace) -> None:
     """Rewrite the result files from the cache (missing cells: ``-``)."""
     lines = ["# Low-bit students where quantization is hard (issue 11)", "",
              f"Top-1 (%) on {args.eval_images} real Fashion-MNIST test images; {args.num_images} calibration images "
-             f"(`real` = fashion-mnist:train, `gaussian` = gaussian:{args.num_images}, `bns` / `deepinversion` = "
-             f"{args.num_images}-image shards at {args.shard_iterations} synthesis iterations); recon = "
-             f"{args.recon_iters} steps/block; KD fine-tune = {args.finetune_steps} steps after recon (W3A3 and all "
-             "layers only). `all layers` = `--keep-8bit none`. `chosen` = the candidate the default guard kept "
+             f"(`real` = fashion-mnist:train, `gaussian` = gaussian:{args.num_images}, `inception` / `bns` / "
+             f"`deepinversion` = {args.num_images}-image shards at {args.shard_iterations} synthesis iterations); "
+             f"recon = {args.recon_iters} steps/block in each mode; KD fine-tune = {args.finetune_steps} steps after "
+             "the genie recon (W3A3 and all layers only). `all layers` = `--keep-8bit none`. `chosen` = the candidate the default guard kept "
              "(`+cle+bc` = with equalization and bias correction). Seconds = the whole calibration run on a shared "
              "2-core CPU, 1 thread (evaluation excluded; + recon / + KD fine-tune include the PTQ before them). "
              "`-` = not run within the budget.", ""]
@@ -281,7 +288,7 @@ def tables(bench: Bench, args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--teachers", default="fmnist_mobilenetv2,fmnist_resnet14")
-    ap.add_argument("--sources", default="real,gaussian,bns,deepinversion")
+    ap.add_argument("--sources", default="real,gaussian,inception,bns,deepinversion")
     ap.add_argument("--num-images", type=int, default=256)
     ap.add_argument("--eval-images", type=int, default=2000)
     ap.add_argument("--recon-iters", type=int, default=100)

@@ -64,7 +64,7 @@ def quant_section(teacher, data: str, test, device) -> tuple[str, list[list[obje
     from zeroshot_kd.quant.pipeline import CalibrationOptions, calibrate_student
     from torch.utils.data import TensorDataset
 
-    opts = CalibrationOptions(data=data, num_images=NUM_IMAGES, holdout=0, progress=False)
+    opts = CalibrationOptions(data=data, num_images=NUM_IMAGES, holdout=0, recon=False, progress=False)
     base = calibrate_student(teacher, QuantConfig(4, 4), opts, device).student
     cal = make_dataset(data, teacher.spec, NUM_IMAGES)
     xs = torch.stack([cal[i][0] for i in range(len(cal))])

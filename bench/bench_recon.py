@@ -65,7 +65,7 @@ def ptq(teacher: Any, tname: str, source: str, n: int) -> tuple[Any, torch.Tenso
     data = data_source(source, n)
     t0 = time.perf_counter()
     res = calibrate_student(teacher, QuantConfig(w, a), CalibrationOptions(data=data, num_images=n, holdout=0,
-                                                                          progress=False), CPU)
+                                                                          recon=False, progress=False), CPU)
     seconds = time.perf_counter() - t0
     ds = make_dataset(data, teacher.spec, num_images=n, seed=0)
     cal_x = torch.stack([ds[i][0] for i in range(n)]).float()

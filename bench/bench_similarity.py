@@ -100,7 +100,7 @@ def calibration_accuracy(teacher: Any, source: str, num_images: int, eval_images
     from zeroshot_kd.quant.pipeline import CalibrationOptions, calibrate_student
 
     opts = CalibrationOptions(data=source, num_images=num_images, holdout=0, eval_data="fashion-mnist:test",
-                              eval_images=eval_images, progress=False)
+                              eval_images=eval_images, recon=False, progress=False)
     result = calibrate_student(teacher, QuantConfig(w_bits=4, a_bits=4), opts, device)
     return float(result.summary["student_top1"]), float(result.summary["teacher_top1"])
 

@@ -17,7 +17,8 @@ from zeroshot_kd.quant.modules import QuantConfig
 from zeroshot_kd.quant.pipeline import CalibrationOptions, calibrate_student
 from zeroshot_kd.shards import FORMAT, FORMAT_VERSION, MANIFEST, shard_name, write_shard
 
-FAST = ["--num-images", "32", "--holdout", "16", "--batch-size", "16", "--candidates", "20", "--device", "cpu", "-q"]
+FAST = ["--num-images", "32", "--holdout", "16", "--batch-size", "16", "--candidates", "20", "--recon-iters", "5",
+        "--device", "cpu", "-q"]
 
 
 def run(args):

@@ -253,7 +253,7 @@ def test_cli_mixed_precision_equalize_and_bad_budgets(tmp_path):
     from cli.main import cli
 
     base = ["calibrate", "--teacher", "fmnist_mobilenetv2", "--data", "gaussian:32", "--num-images", "32",
-            "--holdout", "0", "--candidates", "10", "--batch-size", "16", "--device", "cpu", "-q"]
+            "--holdout", "0", "--candidates", "10", "--batch-size", "16", "--no-recon", "--device", "cpu", "-q"]
     for budget, msg in (("100MB", "larger than the FP32"), ("0.01x", "below the all-2-bit"), ("big", "not a size")):
         r = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "bad.pt"), "--mixed-precision",
                                             "--size-budget", budget])
@@ -299,7 +299,8 @@ def test_default_guard_keeps_lowest_heldout_kl_candidate():
 
     net = Chain().eval().requires_grad_(False)
     teacher = Teacher(net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(net))
-    opts = CalibrationOptions(data="gaussian:32", num_images=32, holdout=0, candidates=5, progress=False)
+    opts = CalibrationOptions(data="gaussian:32", num_images=32, holdout=0, candidates=5, recon=False,
+                              progress=False)
     assert opts.a_method == "auto"
     res = calibrate_student(teacher, QuantConfig(3, 3, keep_8bit="none"), opts, torch.device("cpu"))
     g = res.report["ranges"]

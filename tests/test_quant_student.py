@@ -15,8 +15,8 @@ from zeroshot_kd.objectives import Objective, ObjectiveSet, build
 from zeroshot_kd.objectives.base import KDBatch
 from zeroshot_kd.quant.finetune import finetune
 from zeroshot_kd.quant.modules import QuantConfig, quant_layers
-from zeroshot_kd.quant.recon import ReconConfig, reconstruct
-from zeroshot_kd.quant.pipeline import CalibrationOptions, calibrate_student
+from zeroshot_kd.quant.pipeline import RECON_DEFAULT_ITERS, CalibrationOptions, calibrate_student, recon_by_default
+from zeroshot_kd.quant.recon import ReconConfig, find_blocks, reconstruct
 from zeroshot_kd.quant.student import FORMAT_VERSION, load_student, read_student_file, save_student
 from zeroshot_kd.teachers import Teacher, state_sha256
 
@@ -30,7 +30,9 @@ def small_teacher(small_net) -> Teacher:
 
 
 def run(teacher, config, **kw):
-    opts = dict(data="gaussian:48", num_images=32, holdout=16, batch_size=16, candidates=20, progress=False)
+    """The PTQ path (reconstruction, on by default at <= 4 bits, is asked for explicitly where a test wants it)."""
+    opts = dict(data="gaussian:48", num_images=32, holdout=16, batch_size=16, candidates=20, progress=False,
+                recon=False)
     opts.update(kw)
     return calibrate_student(teacher, config, CalibrationOptions(**opts), torch.device("cpu"))
 
@@ -185,3 +187,17 @@ def test_reconstruction_reduces_block_loss(small_teacher):
         torch.testing.assert_close(layer.wq(layer.weight),
                                    (codes - layer.wq._shaped(layer.wq.zero_point, layer.weight)) *
                                    layer.wq._shaped(layer.wq.scale.detach(), layer.weight))
+
+
+@pytest.mark.parametrize("bits, expected", [((4, 4), True), ((3, 8), True), ((8, 4), True), ((8, 8), False),
+                                            ((6, 6), False)])
+def test_reconstruction_is_on_by_default_at_4_bits_or_fewer(small_teacher, bits, expected):
+    assert recon_by_default(QuantConfig(*bits)) is expected
+    if bits not in ((4, 4), (8, 8)):
+        return
+    opts = CalibrationOptions(data="gaussian:32", num_images=32, holdout=0, batch_size=16, candidates=5,
+                              recon_iters=2, progress=False)
+    res = calibrate_student(small_teacher, QuantConfig(*bits), opts, torch.device("cpu"))
+    assert res.report["settings"]["recon"] is expected
+    assert len(res.report["recon"]) == (len(find_blocks(res.student)) if expected else 0)
+    assert RECON_DEFAULT_ITERS == CalibrationOptions(data="gaussian:1").recon_iters

@@ -123,7 +123,7 @@ def small_teacher(small_net) -> Teacher:
 def test_genie_learned_weight_steps_are_exported_and_reload_bit_exactly(tmp_path, small_teacher, one_thread):
     config = QuantConfig(3, 3, w_asym=True)
     opts = dict(data="gaussian:48", num_images=32, holdout=16, batch_size=16, candidates=20, progress=False)
-    ptq = calibrate_student(small_teacher, config, CalibrationOptions(**opts), torch.device("cpu"))
+    ptq = calibrate_student(small_teacher, config, CalibrationOptions(**opts, recon=False), torch.device("cpu"))
     res = calibrate_student(small_teacher, config, CalibrationOptions(**opts, recon=True, recon_iters=8,
                                                                       recon_mode="genie"), torch.device("cpu"))
     learned = {n: l.wq.scale.detach().clone() for n, l in quant_layers(res.student)}
@@ -151,7 +151,7 @@ def test_genie_reconstruction_reduces_block_loss(small_teacher, one_thread):
     # the MSE ranges, not the default guard: the guard's pick depends on the other candidates, and this checks
     # reconstruction from a fixed starting point
     opts = CalibrationOptions(data="gaussian:64", num_images=64, holdout=0, batch_size=16, candidates=20,
-                              a_method="mse", progress=False)
+                              a_method="mse", recon=False, progress=False)
     res = calibrate_student(small_teacher, QuantConfig(3, 3), opts, torch.device("cpu"))
     x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(8))
     hist = reconstruct(res.student, res.fp_model, [x[:32], x[32:]], torch.device("cpu"),

@@ -93,7 +93,7 @@ def test_calibrate_and_similarity_reports_record_the_subset(tmp_path, teacher):
     from cli.main import cli
 
     res = CliRunner().invoke(cli, ["calibrate", "--data", "fashion-mnist:test", "--num-images", "32", "--holdout", "16",
-                                   "--batch-size", "16", "--candidates", "5", "-q", "--seed", "2",
+                                   "--batch-size", "16", "--candidates", "5", "--no-recon", "-q", "--seed", "2",
                                    "--out", str(tmp_path / "s.pt")])
     assert res.exit_code == 0, res.output
     settings = json.loads((tmp_path / "report.json").read_text())["settings"]
