@@ -162,8 +162,8 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 def analyze(raw: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
     """Every score form (exact and per-batch statistics) vs mean top-1, per teacher and setting."""
-    from zeroshot_kd.similarity import (PREDICTOR, SCORE_FORMS, correlation, load_signatures, predicted_ranks,
-                                        score_forms, teacher_signature, verdict)
+    from zeroshot_kd.similarity import (PREDICTOR, SCORE_FORMS, correlation, load_signatures, noise_ceiling,
+                                        predicted_ranks, score_forms, teacher_signature, verdict)
 
     analysis: dict[str, Any] = {}
     for tname, entry in raw["teachers"].items():
@@ -195,10 +195,14 @@ def analyze(raw: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
                 if len(have) >= 3:
                     corr[form][outcome] = correlation([scores[k][form] for k in have],
                                                       [means[k][outcome] for k in have])
+        groups = {st: [top1[k].get(st, []) for k in labels] for st in SETTINGS}
+        groups["mean of both"] = [[sum(v) / len(v) for v in zip(*(top1[k].get(st, []) for st in SETTINGS))]
+                                  for k in labels]
+        ceiling = {o: noise_ceiling(g) for o, g in groups.items()}
         ranks = predicted_ranks({k: scores[k][PREDICTOR] for k in labels})
         analysis[tname] = {
             "fp32_top1": entry.get("fp32_top1"), "scores": scores, "top1": top1, "mean_top1": means,
-            "seed_sd": sum(sds) / len(sds) if sds else None, "correlations": corr,
+            "seed_sd": sum(sds) / len(sds) if sds else None, "correlations": corr, "noise_ceiling": ceiling,
             "predicted_rank": ranks, "verdict": {k: verdict(scores[k][PREDICTOR]) for k in labels},
             "kinds": {k: entry["sets"][k]["kind"] for k in labels}}
     # the form that predicts best: highest worst-case -Spearman over teachers, on the mean of both settings
@@ -264,7 +268,11 @@ def markdown(raw: dict[str, Any], analysis: dict[str, Any], ranking: list[str], 
               "Spearman (Kendall tau-b) between each form and the mean top-1 over seeds, with 95% bootstrap "
               "intervals (2000 resamples of the sets; Fisher-z intervals in the JSON). Negative = a lower score "
               "gives a more accurate student. `@batch` = per-batch statistics at the calibration batch size. "
-              "Sorted by the worst case over teachers and settings (the selection criterion).", ""]
+              "Sorted by the worst case over teachers and settings (the selection criterion). The last row, "
+              "*noise ceiling*, is the largest |correlation| any noise-free score could reach with these seed "
+              "means: sqrt of their reliability (the share of the variance of the set means that is not seed "
+              "noise; `zeroshot_kd.similarity.noise_ceiling`). Where it is below 0.8 the target cannot be "
+              "shown with this many seeds, whatever the score.", ""]
     header = ["form"] + [f"{t} {o}" for t in analysis for o in OUTCOMES]
     rows = []
     for form in ranking:
@@ -274,6 +282,9 @@ def markdown(raw: dict[str, Any], analysis: dict[str, Any], ranking: list[str], 
                 c = a["correlations"].get(form, {}).get(o)
                 row.append(f"{_fmt_ci(c, 'spearman')} ({c['kendall']:+.2f})" if c else "")
         rows.append(row)
+    ceil_row = ["*noise ceiling*"] + [f"{a.get('noise_ceiling', {}).get(o, float('nan')):.2f}"
+                                      for a in analysis.values() for o in OUTCOMES]
+    rows.append(ceil_row)
     if ranking:
         lines += [f"Best form by the worst case over teachers and settings: **{ranking[0]}** (worst Spearman "
                   f"{-worst(ranking[0]):+.2f}); the library's predictor (`zeroshot_kd.similarity.PREDICTOR`) is "

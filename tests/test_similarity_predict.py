@@ -11,7 +11,8 @@ import torch
 
 from zeroshot_kd.similarity import (PREDICTOR, SCORE_FORMS, VERDICT_CLOSE, VERDICT_FAR, VERDICTS, Signature,
                                     bootstrap_interval, correlation, fisher_z_interval, kendall_tau_b,
-                                    predicted_ranks, ranks, score_forms, spearman, verdict)
+                                    noise_ceiling, predicted_ranks, ranks, reliability, score_forms, spearman,
+                                    verdict)
 
 Z95 = 1.959963984540054  # standard normal 97.5% quantile
 
@@ -145,3 +146,58 @@ def test_report_carries_predicted_rank_and_verdict():
     assert report["predictor"]["form"] == PREDICTOR and report["predictor"]["far_from"] == VERDICT_FAR
     md = report_markdown(report)
     assert "## As a calibration set" in md and all(e["verdict"] in md for e in by.values())
+
+
+def test_reliability_and_noise_ceiling_hand_computed():
+    # means 2, 6, 10: s_b^2 = 16; within variances 2, 2, 2; n = 2 -> R = (16 - 2 / 2) / 16
+    assert reliability([[1, 3], [5, 7], [9, 11]]) == pytest.approx(15 / 16)
+    assert noise_ceiling([[1, 3], [5, 7], [9, 11]]) == pytest.approx(math.sqrt(15 / 16))
+    # unequal sizes: within variances 2 and 4 (the single value has none); n = 3 / (1/2 + 1 + 1/3)
+    n = 3 / (1 / 2 + 1 + 1 / 3)
+    assert reliability([[1, 3], [6], [8, 10, 12]]) == pytest.approx((16 - 3 / n) / 16)
+    assert reliability([[0, 2], [1, 5]]) == 0.0                  # noise larger than the spread: clipped
+    assert math.isnan(reliability([[1, 3], [3, 1]]))            # the means do not vary
+    assert math.isnan(reliability([[1], [2], [3]]))             # no replicates
+
+
+def test_reliability_matches_its_expectation_on_simulated_groups():
+    rng = random.Random(0)
+    sb, sw, n = 1.0, 2.0, 4
+    groups = []
+    for _ in range(4000):
+        mu = rng.gauss(0, sb)
+        groups.append([mu + rng.gauss(0, sw) for _ in range(n)])
+    assert reliability(groups) == pytest.approx(sb ** 2 / (sb ** 2 + sw ** 2 / n), abs=0.03)
+
+
+def _dash_rows(img, color, top):
+    """Rows (y above ``top``) where ``color`` draws a dashed line across most of the image's width."""
+    px = img.load()
+    rows = []
+    for y in range(top):
+        hits = sum(1 for x in range(img.width) if px[x, y] == color)
+        if hits > img.width // 8:
+            rows.append(y)
+    return rows
+
+
+def test_chart_marks_the_verdict_thresholds_on_the_log_axis():
+    from zeroshot_kd.similarity import report_chart
+
+    def report(far):
+        # scores span [0.004, 8]: the axis ends (min / 3, max * 3) do not depend on the thresholds
+        names = {"real": 0.004, "synth": 0.05, "noise": 8.0}
+        datasets = [{"name": n, "predicted_rank": i + 1, "verdict": verdict(v), "forms": {"f": v},
+                     "scores": {"bns": v}, "per_layer": {"bns": [v, v * 2]}} for i, (n, v) in enumerate(names.items())]
+        return {"headline": "bns", "layers": ["l1", "l2"], "datasets": datasets,
+                "predictor": {"form": "f", "close_below": 0.01, "far_from": far}}
+
+    a, b = report_chart(report(0.1)), report_chart(report(1.0))
+    top = a.height // 2  # the bar panel is the upper image
+    green_a, red_a = _dash_rows(a, (40, 150, 40), top), _dash_rows(a, (200, 40, 40), top)
+    green_b, red_b = _dash_rows(b, (40, 150, 40), top), _dash_rows(b, (200, 40, 40), top)
+    assert green_a and red_a and green_a == green_b
+    y_close, y_far_a, y_far_b = green_a[0], red_a[0], red_b[0]
+    assert y_close > y_far_a > y_far_b  # lower score = lower on the chart
+    # log axis: 0.01 -> 0.1 and 0.1 -> 1.0 are the same distance
+    assert abs((y_close - y_far_a) - (y_far_a - y_far_b)) <= 2

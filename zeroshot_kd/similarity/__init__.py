@@ -54,7 +54,8 @@ from .signature import (MODES, SIGNATURE_FORMAT, SIGNATURE_VERSION, MomentAccumu
                         compute_signature, load_signatures, save_signatures, teacher_signature)
 from .predict import (PREDICTOR, SCORE_FORMS, VERDICT_CLOSE, VERDICT_FAR, VERDICTS, predicted_ranks, score_forms,
                       verdict)
-from .stats import bootstrap_interval, correlation, fisher_z_interval, kendall_tau_b, ranks, spearman
+from .stats import (bootstrap_interval, correlation, fisher_z_interval, kendall_tau_b, noise_ceiling, ranks,
+                    reliability, spearman)
 
 __all__ = [
     "DIVERGENCES",
@@ -81,9 +82,11 @@ __all__ = [
     "kendall_tau_b",
     "load_signatures",
     "make_similarity_dataset",
+    "noise_ceiling",
     "parse_transforms",
     "predicted_ranks",
     "ranks",
+    "reliability",
     "report_chart",
     "report_markdown",
     "save_signatures",

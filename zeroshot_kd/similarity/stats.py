@@ -6,7 +6,8 @@ import math
 import random
 from typing import Callable, Sequence
 
-__all__ = ["correlation", "fisher_z_interval", "bootstrap_interval", "kendall_tau_b", "ranks", "spearman"]
+__all__ = ["correlation", "fisher_z_interval", "bootstrap_interval", "kendall_tau_b", "noise_ceiling", "ranks",
+           "reliability", "spearman"]
 
 # Standard-error factors of atanh(r) for rank correlations (Fieller, Hartley and Pearson 1957):
 # se = sqrt(FACTOR / (n - OFFSET)).
@@ -130,6 +131,39 @@ def correlation(x: Sequence[float], y: Sequence[float], level: float = 0.95, res
         out[f"{name}_fisher"] = list(fisher_z_interval(r, len(x), name, level))
         out[f"{name}_bootstrap"] = list(bootstrap_interval(x, y, name, level, resamples, seed))
     return out
+
+
+def reliability(groups: Sequence[Sequence[float]]) -> float:
+    """Share of the variance of the group means that is not replicate noise (the reliability of the means).
+
+    Each group holds replicate measurements of one item (a calibration set's top-1 over seeds). With ``s_b^2`` the
+    sample variance of the group means and ``s_w^2`` the mean within-group sample variance, the expected variance
+    of a mean of ``n`` replicates is ``sigma_between^2 + sigma_w^2 / n``, so::
+
+        R = (s_b^2 - s_w^2 / n) / s_b^2, clipped to [0, 1]
+
+    with ``n`` the harmonic mean of the group sizes. Groups with one value count for the means only; NaN when
+    there are fewer than two groups, no replicates, or the means do not vary.
+    """
+    means = [sum(g) / len(g) for g in groups if len(g)]
+    reps = [g for g in groups if len(g) > 1]
+    if len(means) < 2 or not reps:
+        return math.nan
+    mu = sum(means) / len(means)
+    s_b = sum((m - mu) ** 2 for m in means) / (len(means) - 1)
+    if s_b == 0:
+        return math.nan
+    s_w = sum(sum((v - sum(g) / len(g)) ** 2 for v in g) / (len(g) - 1) for g in reps) / len(reps)
+    n = len(groups) / sum(1 / len(g) for g in groups if len(g))
+    return min(1.0, max(0.0, (s_b - s_w / n) / s_b))
+
+
+def noise_ceiling(groups: Sequence[Sequence[float]]) -> float:
+    """The largest correlation any noise-free predictor can reach with the group means: ``sqrt(reliability)``
+    (Spearman's correction for attenuation). A target correlation above it is not measurable with these
+    replicates: more seeds, or items that differ more, are needed."""
+    r = reliability(groups)
+    return math.sqrt(r) if r == r else math.nan
 
 
 def _normal_quantile(p: float) -> float:
