@@ -142,8 +142,8 @@ def render(rows_speed: list[dict], rows_acc: list[dict], fp: dict, ptq_rows: dic
             table.append(row)
         lines += [f"### {tname} {label}", "", markdown_table(header, table)]
     text = "\n".join(lines) + "\n"
-    write_result("recon", text)
-    atomic_write_json(RESULTS / "recon.json", {"speed": rows_speed, "accuracy": rows_acc,
+    write_result(args.name, text)
+    atomic_write_json(RESULTS / f"{args.name}.json", {"speed": rows_speed, "accuracy": rows_acc,
                                                "ptq": {f"{k[0]}/{k[1]}": v for k, v in ptq_rows.items()}, "fp": fp})
 
 
@@ -160,6 +160,8 @@ def main() -> None:
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--no-acc", action="store_true", help="only the speed table (and PTQ rows)")
     ap.add_argument("--cached-only", action="store_true", help="render from cached cells only (partial runs)")
+    ap.add_argument("--name", default="recon", help="result file name under bench/results/ (e.g. recon-speed with "
+                                                    "--no-acc, so the accuracy tables stay)")
     args = ap.parse_args()
     global CACHED_ONLY
     CACHED_ONLY = args.cached_only

@@ -201,3 +201,36 @@ def test_chart_marks_the_verdict_thresholds_on_the_log_axis():
     assert y_close > y_far_a > y_far_b  # lower score = lower on the chart
     # log axis: 0.01 -> 0.1 and 0.1 -> 1.0 are the same distance
     assert abs((y_close - y_far_a) - (y_far_a - y_far_b)) <= 2
+
+
+def test_verdict_thresholds_derived_from_a_benchmark_table():
+    from zeroshot_kd.similarity import derive_verdict_thresholds
+
+    # teacher A: losses stay <= 3 up to score 0.02, then 4; teacher B: up to 0.05. far = loss >= 5.
+    a = [(0.001, 0.0), (0.01, 1.0), (0.02, 2.5), (0.08, 4.0), (0.4, 6.0), (2.0, 20.0)]
+    b = [(0.002, 0.0), (0.05, 3.0), (0.1, 1.0), (0.3, 4.5), (1.0, 8.0)]
+    close, far = derive_verdict_thresholds([a, b])
+    assert close == pytest.approx(math.sqrt(0.02 * 0.08))          # A's prefix ends first
+    # candidates above close: errors counted by hand; sqrt(0.3 * 0.4) separates every far set from the rest
+    assert far == pytest.approx(math.sqrt(0.3 * 0.4))
+    # brute force over all cut points gives the same minimum error
+    every = a + b
+
+    def err(t):
+        return sum((sc >= t) != (loss >= 5.0) for sc, loss in every)
+
+    assert err(far) == min(err(t) for t in [sc * f for sc, _ in every for f in (0.999, 1.001)] if t > close) == 0
+    assert derive_verdict_thresholds([[(0.1, 9.0), (0.2, 9.0)]])[0] == 0.1   # nothing close: below every set
+
+
+def test_aligned_reliability_removes_a_shared_replicate_effect():
+    base = [1.0, 4.0, 6.0, 9.0]
+    seed = [0.0, 3.0, -2.0]  # every set moves alike with the seed: the ranking is noise-free
+    groups = [[b + e for e in seed] for b in base]
+    assert reliability(groups, aligned=True) == pytest.approx(1.0)
+    assert reliability(groups) < 0.95
+    # s_b^2 = 2, residual variance 4 / ((2-1)(2-1)), n = 2: R = (2 - 4 / 2) / 2
+    g = [[3.0, 1.0], [3.0, 5.0]]  # means 2, 4; column means 3, 3; residuals +-1
+    assert reliability(g, aligned=True) == pytest.approx(max(0.0, (2 - 4 / 2) / 2))
+    with pytest.raises(ValueError):
+        reliability([[1, 2], [3]], aligned=True)

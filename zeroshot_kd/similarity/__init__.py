@@ -52,8 +52,8 @@ from .report import report_chart, report_markdown, similarity_report, write_repo
 from .shift import TRANSFORMS, TransformedDataset, make_similarity_dataset, parse_transforms
 from .signature import (MODES, SIGNATURE_FORMAT, SIGNATURE_VERSION, MomentAccumulator, Signature, check_compatible,
                         compute_signature, load_signatures, save_signatures, teacher_signature)
-from .predict import (PREDICTOR, SCORE_FORMS, VERDICT_CLOSE, VERDICT_FAR, VERDICTS, predicted_ranks, score_forms,
-                      verdict)
+from .predict import (PREDICTOR, SCORE_FORMS, VERDICT_CLOSE, VERDICT_FAR, VERDICTS, derive_verdict_thresholds,
+                      predicted_ranks, score_forms, verdict)
 from .stats import (bootstrap_interval, correlation, fisher_z_interval, kendall_tau_b, noise_ceiling, ranks,
                     reliability, spearman)
 
@@ -77,6 +77,7 @@ __all__ = [
     "compute_signature",
     "correlation",
     "dataset_distance",
+    "derive_verdict_thresholds",
     "divergences",
     "fisher_z_interval",
     "kendall_tau_b",

@@ -133,19 +133,23 @@ def correlation(x: Sequence[float], y: Sequence[float], level: float = 0.95, res
     return out
 
 
-def reliability(groups: Sequence[Sequence[float]]) -> float:
+def reliability(groups: Sequence[Sequence[float]], aligned: bool = False) -> float:
     """Share of the variance of the group means that is not replicate noise (the reliability of the means).
 
     Each group holds replicate measurements of one item (a calibration set's top-1 over seeds). With ``s_b^2`` the
-    sample variance of the group means and ``s_w^2`` the mean within-group sample variance, the expected variance
-    of a mean of ``n`` replicates is ``sigma_between^2 + sigma_w^2 / n``, so::
+    sample variance of the group means and ``s_w^2`` the replicate noise variance, the expected variance of a mean
+    of ``n`` replicates is ``sigma_between^2 + sigma_w^2 / n``, so::
 
         R = (s_b^2 - s_w^2 / n) / s_b^2, clipped to [0, 1]
 
-    with ``n`` the harmonic mean of the group sizes. Groups with one value count for the means only; NaN when
-    there are fewer than two groups, no replicates, or the means do not vary.
+    ``s_w^2`` is the mean within-group sample variance and ``n`` the harmonic mean of the group sizes. With
+    ``aligned=True`` replicate ``j`` of every group was taken under the same condition (the same seed), so an
+    effect of replicate ``j`` shared by all groups moves every mean alike and changes no ranking; ``s_w^2`` is
+    then the two-way residual ``sum_ij (x_ij - m_i. - m_.j + m..)^2 / ((k - 1)(n - 1))`` (groups of equal size).
+    NaN when there are fewer than two groups, no replicates, or the means do not vary.
     """
-    means = [sum(g) / len(g) for g in groups if len(g)]
+    groups = [list(g) for g in groups if len(g)]
+    means = [sum(g) / len(g) for g in groups]
     reps = [g for g in groups if len(g) > 1]
     if len(means) < 2 or not reps:
         return math.nan
@@ -153,16 +157,24 @@ def reliability(groups: Sequence[Sequence[float]]) -> float:
     s_b = sum((m - mu) ** 2 for m in means) / (len(means) - 1)
     if s_b == 0:
         return math.nan
-    s_w = sum(sum((v - sum(g) / len(g)) ** 2 for v in g) / (len(g) - 1) for g in reps) / len(reps)
-    n = len(groups) / sum(1 / len(g) for g in groups if len(g))
+    if aligned:
+        n = len(groups[0])
+        if any(len(g) != n for g in groups):
+            raise ValueError("aligned replicates need groups of equal size")
+        col = [sum(g[j] for g in groups) / len(groups) for j in range(n)]
+        s_w = sum((g[j] - m - col[j] + mu) ** 2 for g, m in zip(groups, means) for j in range(n))
+        s_w /= (len(groups) - 1) * (n - 1)
+    else:
+        s_w = sum(sum((v - sum(g) / len(g)) ** 2 for v in g) / (len(g) - 1) for g in reps) / len(reps)
+        n = len(groups) / sum(1 / len(g) for g in groups)
     return min(1.0, max(0.0, (s_b - s_w / n) / s_b))
 
 
-def noise_ceiling(groups: Sequence[Sequence[float]]) -> float:
+def noise_ceiling(groups: Sequence[Sequence[float]], aligned: bool = False) -> float:
     """The largest correlation any noise-free predictor can reach with the group means: ``sqrt(reliability)``
     (Spearman's correction for attenuation). A target correlation above it is not measurable with these
     replicates: more seeds, or items that differ more, are needed."""
-    r = reliability(groups)
+    r = reliability(groups, aligned)
     return math.sqrt(r) if r == r else math.nan
 
 
