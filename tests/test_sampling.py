@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import subprocess
+import sys
 
 import torch
 from PIL import Image
@@ -104,3 +108,15 @@ def test_calibrate_and_similarity_reports_record_the_subset(tmp_path, teacher):
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout.strip().splitlines()[-1])
     assert report["subsets"]["t"] == make_dataset("fashion-mnist:test", teacher.spec, 20, seed=1).zkd_subset
+
+
+def test_sample_is_the_same_in_another_process_and_thread_count():
+    labels = [i % 7 for i in range(500)]
+    here = sample_indices(labels, 64, seed=11)
+    code = ("import torch; torch.set_num_threads(1); from zeroshot_kd.data import sample_indices; "
+            "print(sample_indices([i % 7 for i in range(500)], 64, seed=11))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert json.loads(out.stdout) == here
+    counts = [sum(labels[i] == c for i in here) for c in range(7)]
+    assert max(counts) - min(counts) <= 1 and len(set(here)) == 64
