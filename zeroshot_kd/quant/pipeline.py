@@ -52,8 +52,10 @@ __all__ = ["GUARD_METHODS", "RECON_DEFAULT_ITERS", "CalibrationOptions", "Calibr
 
 #: Reconstruction steps per block by default: from the bench's accuracy-vs-iterations curve (bench/results/recon.md),
 #: 100 GENIE-M steps give most of the gain of 1000 at a tenth of the cost (ResNet14 W3A3 86.45 -> 91.10 vs 91.80;
-#: MobileNetV2 W4A4 87.95 -> 89.15 vs 89.85) and improved every cell measured, Gaussian calibration images
-#: included, where 1000 steps lost 3 points on MobileNetV2.
+#: MobileNetV2 W4A4 87.95 -> 89.15 vs 89.85) and improved every cell of that curve, Gaussian calibration images
+#: included, where 1000 steps lost 3 points on MobileNetV2. In the wider low-bit grid (bench/results/lowbit.md) it
+#: gains up to 48 points where PTQ fails (ResNet14 W2A4) and falls 0.1-5.5 points below PTQ in 11 of 35 cells, all
+#: but one on noise or 50-iteration synthetic images, mostly on the MobileNetV2 (``--no-recon`` there).
 RECON_DEFAULT_ITERS = 100
 
 
