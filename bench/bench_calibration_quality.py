@@ -284,8 +284,8 @@ def markdown(raw: dict[str, Any], analysis: dict[str, Any], ranking: list[str], 
               "Sorted by the worst case over the measurable cells (the selection criterion, below). The last row, "
               "*noise ceiling*, is the largest |correlation| any noise-free score could reach with these seed "
               "means: sqrt of their reliability (the share of the variance of the set means that is not seed "
-              "noise, seed effects shared by all sets removed; `zeroshot_kd.similarity.noise_ceiling`). Where it is below 0.8 the target cannot be "
-              "shown with this many seeds, whatever the score.", ""]
+              "noise, seed effects shared by all sets removed; `zeroshot_kd.similarity.noise_ceiling`). Where it "
+              f"is below {TARGET} the target cannot be shown with this many seeds, whatever the score.", ""]
     header = ["form"] + [f"{t} {o}" for t in analysis for o in OUTCOMES]
     rows = []
     for form in ranking:

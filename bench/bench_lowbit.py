@@ -253,7 +253,8 @@ def tables(bench: Bench, args: argparse.Namespace) -> None:
              f"(`real` = fashion-mnist:train, `gaussian` = gaussian:{args.num_images}, `inception` / `bns` / "
              f"`deepinversion` = {args.num_images}-image shards at {args.shard_iterations} synthesis iterations); "
              f"recon = {args.recon_iters} steps/block in each mode; KD fine-tune = {args.finetune_steps} steps after "
-             "the genie recon (W3A3 and all layers only). `all layers` = `--keep-8bit none`. `chosen` = the candidate the default guard kept "
+             "the genie recon (W3A3 and all layers only). `all layers` = `--keep-8bit none`. `chosen` = the "
+             "candidate the default guard kept "
              "(`+cle+bc` = with equalization and bias correction). Seconds = the whole calibration run on a shared "
              "2-core CPU, 1 thread (evaluation excluded; + recon / + KD fine-tune include the PTQ before them). "
              "`-` = not run within the budget.", ""]

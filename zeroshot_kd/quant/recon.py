@@ -298,8 +298,8 @@ def reconstruct(student: nn.Module, fp_model: nn.Module, inputs: Sequence[torch.
                 layer.aq.scale.requires_grad_(True)
                 layer.aq.drop_prob = 1.0 - cfg.drop_prob if 0 < cfg.drop_prob < 1 else 0.0
                 layer.aq.drop_generator = drop_gen
-        # One Adam (fused where available) over three groups: rounding variables at a constant rate, activation and (genie)
-        # weight steps cosine-decayed; one optimizer step and one scheduler step per iteration.
+        # One Adam (fused where available) over three groups: rounding variables at a constant rate, activation
+        # and (genie) weight steps cosine-decayed; one optimizer step and one scheduler step per iteration.
         groups = [{"params": [layer.wq.adaround for layer in layers], "lr": cfg.lr_round}]
         decayed = [{"params": [l.aq.scale for l in layers if l.aq is not None], "lr": cfg.lr_scale}]
         if genie:
