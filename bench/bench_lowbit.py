@@ -67,7 +67,9 @@ FT_SETTINGS = ("W3A3", "W4A4 all layers")
 NO_PRE = {"a_method": "mse", "equalize": False, "bias_correction": False}
 PTQ_COLUMNS = ["naive min/max", "old MSE PTQ", "default PTQ"]
 RECON_COLUMNS = {"+ recon (qdrop)": "qdrop", "+ recon (genie)": "genie"}
-COLUMNS = PTQ_COLUMNS + list(RECON_COLUMNS) + ["+ KD fine-tune", "mixed @ uniform size"]
+DEFAULT_COLUMN = "default calibrate"
+COLUMNS = PTQ_COLUMNS + [DEFAULT_COLUMN] + list(RECON_COLUMNS) + ["+ KD fine-tune", "mixed @ uniform size"]
+BEFORE_COLUMNS = ("default PTQ", "+ recon (genie)")  # read from --before, a results json of an earlier run
 SHARD_METHODS = {"inception": {}, "bns": {}, "deepinversion": {"bn_weight": 0.1}}
 
 
@@ -148,7 +150,7 @@ class Bench:
         a = self.args
         d = {"teacher": tname, "source": source, "n": a.num_images, "setting": setting, "col": col,
              "recon_iters": a.recon_iters, "ft": a.finetune_steps, "eval": a.eval_images,
-             "shard_it": a.shard_iterations, "v": 3}
+             "shard_it": a.shard_iterations, "v": 4}
         return CACHE / "lowbit" / (hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16] + ".json")
 
     def cached(self, tname: str, source: str, setting: str, col: str) -> dict[str, Any] | None:
@@ -169,8 +171,8 @@ class Bench:
         label, w, a, keep = setting
         teacher = self.teacher(tname)
         data = calibration_data(tname, source, self.args)
-        opts = CalibrationOptions(data=data, num_images=self.args.num_images, holdout=0, recon=False,
-                                  progress=False, **kw)
+        opts = CalibrationOptions(data=data, num_images=self.args.num_images, holdout=0, progress=False,
+                                  **{"recon": False, **kw})
         t0 = time.perf_counter()
         res = calibrate_student(teacher, QuantConfig(w, a, keep_8bit=keep), opts, self.dev)
         return res, time.perf_counter() - t0
@@ -194,6 +196,13 @@ class Bench:
                               self.key(tname, source, label, "default PTQ").with_suffix(".pt"))
             self.record(tname, source, label, "default PTQ", res.student, sec, chosen=res.report["ranges"]["chosen"],
                         kl=res.report["ranges"]["kl_by_candidate"])
+
+    def default(self, tname: str, source: str, setting: tuple) -> None:
+        """What ``zkd calibrate`` does by default: the guard, GENIE-M reconstruction (<= 4 bits) and its check."""
+        if self.cached(tname, source, setting[0], DEFAULT_COLUMN) is None:
+            res, sec = self.calibrate(tname, source, setting, recon=None, recon_iters=self.args.recon_iters)
+            self.record(tname, source, setting[0], DEFAULT_COLUMN, res.student, sec,
+                        chosen=res.report["ranges"]["chosen"], recon_check=res.report["recon_check"])
 
     def recon_ft(self, tname: str, source: str, setting: tuple) -> None:
         """Both reconstruction modes from the cached default-PTQ student; KD fine-tuning after GENIE-M."""
@@ -246,40 +255,62 @@ def grid(args: argparse.Namespace) -> list[tuple[str, str, tuple]]:
             if lb != "W2A4" or t in W2_TEACHERS for src in args.sources.split(",")]
 
 
+def _delta_check(value: float | None, ref: float | None) -> str:
+    """``ok`` when ``value`` is not below ``ref`` (0.5 points of evaluation noise allowed), else the shortfall."""
+    if value is None or ref is None:
+        return "-"
+    return "ok" if value >= ref - 0.5 else f"MISS ({value - ref:+.2f})"
+
+
 def tables(bench: Bench, args: argparse.Namespace) -> None:
-    """Rewrite the result files from the cache (missing cells: ``-``)."""
+    """Rewrite the result files from the cache (missing cells: ``-``; columns with no cell are left out)."""
+    before = json.loads(Path(args.before).read_text())["results"] if args.before else {}
     lines = ["# Low-bit students where quantization is hard (issue 11)", "",
              f"Top-1 (%) on {args.eval_images} real Fashion-MNIST test images; {args.num_images} calibration images "
              f"(`real` = fashion-mnist:train, `gaussian` = gaussian:{args.num_images}, `inception` / `bns` / "
              f"`deepinversion` = {args.num_images}-image shards at {args.shard_iterations} synthesis iterations); "
-             f"recon = {args.recon_iters} steps/block in each mode; KD fine-tune = {args.finetune_steps} steps after "
-             "the genie recon (W3A3 and all layers only). `all layers` = `--keep-8bit none`. `chosen` = the "
-             "candidate the default guard kept "
-             "(`+cle+bc` = with equalization and bias correction). Seconds = the whole calibration run on a shared "
+             f"recon = {args.recon_iters} steps/block; KD fine-tune = {args.finetune_steps} steps after "
+             "the genie recon (W3A3 and all layers only). `all layers` = `--keep-8bit none`. `default PTQ` = the "
+             "guard (`--a-method auto`, `--no-recon`); `default calibrate` = `zkd calibrate`'s defaults (the guard, "
+             "then GENIE-M reconstruction at <= 4 bits, kept only if it lowers the validation KL: `recon kept`). "
+             "`chosen` = the candidate the guard kept (`+cle+bc` = with equalization and bias correction, `naive` = "
+             "min/max weights and activations). Seconds = the whole calibration run on a shared "
              "2-core CPU, 1 thread (evaluation excluded; + recon / + KD fine-tune include the PTQ before them). "
              "`-` = not run within the budget.", ""]
+    if before:
+        lines += [f"`before: ...` columns: the same cells from `{Path(args.before).name}` (the guard and the "
+                  "reconstruction before the validation probe and the reconstruction check).", ""]
     results: dict[str, Any] = {}
     for tname in args.teachers.split(","):
         teacher = bench.teacher(tname)
         fp = evaluate_model(teacher.model, bench.tests[tname], bench.dev, progress=False)["top1"]
-        rows, trows = [], []
+        row_cells = []
         for t, source, st in grid(args):
-            if t != tname:
-                continue
-            cells = {c: bench.cached(tname, source, st[0], c) for c in COLUMNS}
-            results.setdefault(tname, {}).setdefault(st[0], {})[source] = cells
-            d = cells["default PTQ"]
-            best_ref = max((cells[c]["top1"] for c in PTQ_COLUMNS[:2] if cells[c]), default=None)
-            guard = "-" if d is None or best_ref is None else (
-                "ok" if d["top1"] >= best_ref - 0.5 else f"MISS ({d['top1'] - best_ref:+.2f})")
-            rows.append([st[0], source, f"{fp:.2f}"] + [f"{cells[c]['top1']:.2f}" if cells[c] else "-"
-                                                        for c in COLUMNS] + [d["chosen"] if d else "-", guard])
-            trows.append([st[0], source] + [f"{cells[c]['calibrate_s']:.0f}" if cells[c] else "-" for c in COLUMNS])
+            if t == tname:
+                cells = {c: bench.cached(tname, source, st[0], c) for c in COLUMNS}
+                results.setdefault(tname, {}).setdefault(st[0], {})[source] = cells
+                row_cells.append((source, st, cells))
+        cols = [c for c in COLUMNS if any(cells[c] for _, _, cells in row_cells)]
+        old = [c for c in BEFORE_COLUMNS if any((before.get(tname, {}).get(st[0], {}).get(source) or {}).get(c)
+                                                for source, st, _ in row_cells)]
+        rows, trows = [], []
+        for source, st, cells in row_cells:
+            top = {c: cells[c]["top1"] if cells[c] else None for c in cols}
+            prev = before.get(tname, {}).get(st[0], {}).get(source) or {}
+            d, dc = cells["default PTQ"], cells.get(DEFAULT_COLUMN)
+            kept = (dc.get("recon_check") or {}).get("kept", "-") if dc else "-"
+            rows.append([st[0], source, f"{fp:.2f}"]
+                        + [f"{prev[c]['top1']:.2f}" if prev.get(c) else "-" for c in old]
+                        + [f"{v:.2f}" if v is not None else "-" for v in top.values()]
+                        + [d["chosen"] if d else "-", kept if dc else "-",
+                           _delta_check(top.get("default PTQ"), top.get("naive min/max")),
+                           _delta_check(top.get(DEFAULT_COLUMN), top.get("default PTQ"))])
+            trows.append([st[0], source] + [f"{cells[c]['calibrate_s']:.0f}" if cells[c] else "-" for c in cols])
         results.setdefault(tname, {})["fp32"] = fp
         lines += [f"## {tname} (FP32 {fp:.2f}% on these images)", "",
-                  markdown_table(["setting", "data", "FP32"] + COLUMNS + ["chosen", "default >= best(naive, MSE) - 0.5"],
-                                 rows),
-                  "Seconds per calibration run:", "", markdown_table(["setting", "data"] + COLUMNS, trows)]
+                  markdown_table(["setting", "data", "FP32"] + [f"before: {c}" for c in old] + cols
+                                 + ["chosen", "recon kept", "PTQ >= naive", "default >= PTQ"], rows),
+                  "Seconds per calibration run:", "", markdown_table(["setting", "data"] + cols, trows)]
     lines += [f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, cpu, torch {torch.__version__}.",
               ""]
     write_result(args.name, "\n".join(lines))
@@ -296,7 +327,9 @@ def main() -> None:
     ap.add_argument("--finetune-steps", type=int, default=100)
     ap.add_argument("--shard-iterations", type=int, default=50)
     ap.add_argument("--settings", default="", help="comma list of setting labels, in run order [default: all]")
-    ap.add_argument("--phases", default="ptq,recon,mixed", help="comma list of ptq, recon, mixed")
+    ap.add_argument("--phases", default="ptq,default,recon,mixed", help="comma list of ptq, default, recon, mixed")
+    ap.add_argument("--before", default="", help="results json of an earlier run: its default PTQ and genie "
+                    "columns are shown beside this run's (e.g. bench/results/lowbit-before-validation.json)")
     ap.add_argument("--table-only", action="store_true", help="rewrite the tables from the cache, run nothing")
     ap.add_argument("--name", default="lowbit")
     args = ap.parse_args()
@@ -305,7 +338,8 @@ def main() -> None:
     bench = Bench(args)
     if not args.table_only:
         for phase in args.phases.split(","):
-            step = {"ptq": bench.ptq, "recon": bench.recon_ft, "mixed": bench.mixed}[phase]
+            step = {"ptq": bench.ptq, "default": bench.default, "recon": bench.recon_ft,
+                    "mixed": bench.mixed}[phase]
             for tname, source, setting in grid(args):
                 step(tname, source, setting)
             tables(bench, args)

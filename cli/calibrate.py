@@ -31,8 +31,8 @@ bits_type = int  # validated below, so a bad value gets zkd's one-line error
 # CalibrationOptions fields shown after the quantization options, in --help order (flags/help/defaults on the fields)
 _ORDER = ["w_method", "a_method", "equalize", "relu6", "equalize_criterion", "bias_correction",
           "bias_correction_mode", "absorb_bias", "mixed_precision", "size_budget", "lp_p", "candidates", "percentile",
-          "act_images", "batch_size", "recon", "recon_iters", "recon_images", "recon_drop", "recon_lambda",
-          "recon_mode", "recon_lr", "finetune_steps", "lr", "scale_lr", "temperature"]
+          "act_images", "probe_images", "batch_size", "recon", "recon_iters", "recon_images", "recon_check",
+          "recon_drop", "recon_lambda", "recon_mode", "recon_lr", "finetune_steps", "lr", "scale_lr", "temperature"]
 
 
 @click.command(help="Build a fake-quantized student (BN folded, per-channel weights, per-tensor activations), "
@@ -115,6 +115,13 @@ def command(bits: int, w_bits: int | None, a_bits: int | None, w_asym: bool, kee
         echo(f"mixed precision: {mp['size_mb']:.4f} MB of budget {mp['budget_mb']:.4f} MB "
              f"({mp['ratio_of_fp32']:.4f}x FP32), predicted sensitivity {mp['predicted_sensitivity']:.4g} "
              f"(uniform W{config.w_bits}: {mp['uniform_sensitivity']:.4g}) -> {rdir / 'frontier.png'}")
+    ranges, check = result.report["ranges"], result.report.get("recon_check")
+    if ranges.get("kl_by_candidate"):
+        echo(f"ranges: kept {ranges['chosen']} (lowest validation KL of {len(ranges['kl_by_candidate'])} candidates, "
+             f"{ranges['held_out_images']} held-out + {ranges['probe_images']} BN-probe images)")
+    if check:
+        echo(f"reconstruction check: validation KL {check['ptq_kl']:.4f} (PTQ) -> {check['recon_kl']:.4f}: kept the "
+             f"{'reconstructed' if check['kept'] == 'reconstruction' else 'PTQ'} student")
     s = result.summary
     line = (f"W{config.w_bits}A{config.a_bits}: {s['agreement_label']} {s['heldout_agreement']:.2f}%, "
             f"KL {s['heldout_kl']:.4f}")

@@ -291,30 +291,126 @@ def test_pre_steps_default_on_only_with_every_layer_quantized():
     assert set(reports["none"]["bias_correction"]) == {"c1", "c2", "c3", "c4", "fc"}
 
 
-def test_default_guard_keeps_lowest_heldout_kl_candidate():
-    """The default (auto) builds {mse, output, minmax} x {pre-steps off, on}, scores each by the logit KL to the
-    teacher on the held-out last quarter of the calibration images, and returns the student of the minimum."""
+def _kl_to(student: nn.Module, net: nn.Module, x: torch.Tensor) -> float:
+    """Batchmean ``KL(p_net || p_student)`` computed directly."""
+    with torch.no_grad():
+        return torch.nn.functional.kl_div(torch.log_softmax(student(x), 1), torch.log_softmax(net(x), 1),
+                                          reduction="batchmean", log_target=True).item()
+
+
+def test_default_guard_keeps_lowest_validation_kl_candidate():
+    """The default (auto) builds {mse, output, minmax} x {pre-steps off, on} plus naive min/max, scores each by the
+    logit KL to the teacher on the validation images (held-out last quarter of the calibration images + the BN
+    probe), and returns the student of the minimum."""
     from zeroshot_kd.data import make_dataset
-    from zeroshot_kd.quant.pipeline import guard_split
+    from zeroshot_kd.quant.validation import bn_probe, guard_split
 
     net = Chain().eval().requires_grad_(False)
     teacher = Teacher(net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(net))
     opts = CalibrationOptions(data="gaussian:32", num_images=32, holdout=0, candidates=5, recon=False,
-                              progress=False)
+                              probe_images=16, progress=False)
     assert opts.a_method == "auto"
     res = calibrate_student(teacher, QuantConfig(3, 3, keep_8bit="none"), opts, torch.device("cpu"))
     g = res.report["ranges"]
     kls = g["kl_by_candidate"]
-    assert set(kls) == {f"{m}{s}" for m in ("mse", "output", "minmax") for s in ("", "+cle+bc")}
+    assert set(kls) == {f"{m}{s}" for m in ("mse", "output", "minmax") for s in ("", "+cle+bc")} | {"naive"}
     assert g["chosen"] == min(kls, key=kls.get)
     assert (res.report["equalization"] is not None) == g["chosen"].endswith("+cle+bc") == g["equalize"]
-    assert guard_split(32) == 8 and (g["kl_images"], g["fit_images"]) == (8, 24) and g["kl_split"] == "held-out"
+    assert guard_split(32) == 8 and (g["held_out_images"], g["probe_images"], g["fit_images"]) == (8, 16, 24)
+    assert g["kl_images"] == 24 and g["kl_split"] == "held-out"
     ds = make_dataset("gaussian:32", FASHION_MNIST_SPEC, num_images=32, seed=0)
     held = torch.stack([ds[i][0] for i in range(24, 32)])
-    with torch.no_grad():
-        kl = torch.nn.functional.kl_div(torch.log_softmax(res.student(held), 1), torch.log_softmax(net(held), 1),
-                                        reduction="batchmean", log_target=True).item()
+    probe = bn_probe(teacher, 16, opts.seed, torch.device("cpu"))
+    kl = _kl_to(res.student, net, torch.cat([held, probe]))
     assert kl == pytest.approx(kls[g["chosen"]], rel=1e-5, abs=1e-9)
+
+
+def test_naive_guard_candidate_is_min_max(monkeypatch):
+    """The guard's ``naive`` candidate is the min/max reference: per-channel weight scale max|w| / q_max and the
+    activation range of the fit images, nothing searched (forced to win here by scoring it lowest)."""
+    from zeroshot_kd.quant import validation
+
+    net = Chain().eval().requires_grad_(False)
+    teacher = Teacher(net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(net))
+    real_score = validation.Validation.score
+    calls = []
+
+    def score(self, model, device, precision="fp32"):  # the naive candidate is scored last, by Validation.score
+        calls.append(model)
+        return -1.0 if len(calls) == 1 else real_score(self, model, device, precision)
+
+    monkeypatch.setattr(validation.Validation, "score", score)
+    opts = CalibrationOptions(data="gaussian:32", num_images=32, holdout=0, candidates=5, recon=False,
+                              probe_images=0, progress=False)
+    res = calibrate_student(teacher, QuantConfig(4, 4, keep_8bit="none"), opts, torch.device("cpu"))
+    assert res.report["ranges"]["chosen"] == "naive" and res.report["equalization"] is None
+    fit = torch.stack([torch.as_tensor(x) for x, _ in
+                       __import__("zeroshot_kd.data", fromlist=["make_dataset"]).make_dataset(
+                           "gaussian:32", FASHION_MNIST_SPEC, num_images=32, seed=0)])[:24]
+    for name, layer in quant_layers(res.student):
+        w = layer.weight.detach().flatten(1)
+        assert torch.allclose(layer.wq.scale.flatten(), w.abs().amax(1) / layer.wq.qmax, rtol=1e-6)
+    c1 = dict(quant_layers(res.student))["c1"]
+    lo, hi = min(fit.min().item(), 0.0), max(fit.max().item(), 0.0)
+    assert c1.aq.scale.item() == pytest.approx((hi - lo) / (c1.aq.qmax - c1.aq.qmin), rel=1e-6)
+
+
+def test_bn_probe_matches_bn_statistics_and_is_seeded():
+    """The probe is deterministic in the seed, differs across seeds, and is much closer to the teacher's BN
+    statistics (BNS-KL, computed directly) than clipped Gaussian noise, where it starts; no BN layers: no probe."""
+    from zeroshot_kd.bn import BNStatsHook, bns_kl_loss
+    from zeroshot_kd.quant.validation import bn_probe
+
+    net = Chain().eval().requires_grad_(False)
+    teacher = Teacher(net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(net))
+    cpu = torch.device("cpu")
+    a, b, c = bn_probe(teacher, 16, 0, cpu), bn_probe(teacher, 16, 0, cpu), bn_probe(teacher, 16, 1, cpu)
+    assert a.shape == (16, 1, 28, 28) and torch.equal(a, b) and not torch.equal(a, c)
+
+    def bns(x: torch.Tensor) -> float:
+        with BNStatsHook(net) as hook, torch.no_grad():
+            net(x)
+        return float(bns_kl_loss(hook.stats))
+
+    noise = FASHION_MNIST_SPEC.clamp(torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(5)))
+    assert bns(a) < 0.75 * bns(noise)  # 50 steps on this random net: 27680 -> 17721
+    plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LazyLinear(10))
+    plain(torch.zeros(1, 1, 28, 28))
+    assert bn_probe(Teacher(plain, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(plain)), 16, 0, cpu) is None
+
+
+def test_reconstruction_check_keeps_the_closer_student():
+    """The check returns whichever of the PTQ / reconstructed students has the lower validation KL (computed here
+    directly), and the pipeline's final student is the kept one."""
+    from zeroshot_kd.quant.pipeline import _check_reconstruction
+    from zeroshot_kd.quant.validation import make_validation
+
+    net = Chain().eval().requires_grad_(False)
+    teacher = Teacher(net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(net))
+    cpu = torch.device("cpu")
+    held = _x(12, seed=3)
+    val = make_validation(teacher, held, _x(6, seed=4), cpu)
+    good, bad = copy.deepcopy(net), copy.deepcopy(net)
+    with torch.no_grad():
+        bad.fc.weight.mul_(-1.0)
+    x = torch.cat([held, _x(6, seed=4)])
+    for ptq, recon, want in ((good, bad, "ptq"), (bad, good, "reconstruction")):
+        kept, info = _check_reconstruction(ptq, recon, val, cpu, "fp32")
+        assert info["kept"] == want and kept is (ptq if want == "ptq" else recon)
+        assert info["ptq_kl"] == pytest.approx(_kl_to(ptq, net, x), rel=1e-5, abs=1e-9)
+        assert info["recon_kl"] == pytest.approx(_kl_to(recon, net, x), rel=1e-5, abs=1e-9)
+
+    opts = CalibrationOptions(data="gaussian:32", num_images=32, holdout=0, candidates=5, recon=True,
+                              recon_iters=4, probe_images=8, progress=False)
+    res = calibrate_student(teacher, QuantConfig(3, 3, keep_8bit="none"), opts, cpu)
+    rc = res.report["recon_check"]
+    assert rc["kept"] == ("reconstruction" if rc["recon_kl"] <= rc["ptq_kl"] else "ptq")
+    from zeroshot_kd.data import make_dataset
+    from zeroshot_kd.quant.validation import bn_probe
+
+    ds = make_dataset("gaussian:32", FASHION_MNIST_SPEC, num_images=32, seed=0)
+    vx = torch.cat([torch.stack([ds[i][0] for i in range(24, 32)]), bn_probe(teacher, 8, 0, cpu)])
+    assert _kl_to(res.student, net, vx) == pytest.approx(min(rc["ptq_kl"], rc["recon_kl"]), rel=1e-5, abs=1e-9)
 
 
 def test_clipped_normal_mean_matches_quadrature():

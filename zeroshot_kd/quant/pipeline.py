@@ -8,9 +8,12 @@ Steps:
    reconstruction/SQNR reference, and replace Conv2d/Linear by fake-quantized layers.
 3. Weight ranges: per-channel Lp (p = 2.4) clipping search. Activation ranges: per-tensor search on the
    calibration batches, then fixed. Default (``a_method="auto"``): the guard of :func:`_guarded_ptq` builds every
-   candidate ``{mse, output, minmax} x {CLE + bias correction off, on}`` and keeps the one whose logits are
-   closest (KL) to the FP32 teacher's on a held-out quarter of the calibration images.
-4. Optional ``recon`` (block reconstruction with AdaRound + learned activation steps, QDrop) and/or
+   candidate ``{mse, output, minmax} x {CLE + bias correction off, on}`` plus naive min/max and keeps the one whose
+   logits are closest (KL) to the FP32 teacher's on the validation images
+   (:mod:`~zeroshot_kd.quant.validation`: the held-out last quarter of the calibration images and a 64-image
+   probe synthesized against the teacher's BN statistics). The other three quarters fit.
+4. Optional ``recon`` (block reconstruction with AdaRound + learned activation steps, QDrop; on by default at
+   <= 4 bits) on the fitting images, kept only if it lowers the validation KL (``recon_check``); and/or
    ``finetune_steps`` of KD fine-tuning (weights + step sizes, default ``T^2``-scaled KL at T = 4) through the
    one training loop (:func:`zeroshot_kd.quant.finetune.finetune`).
 5. Report: per-layer table, teacher-student agreement/KL on held-out images (when ``--data`` has no images beyond
@@ -21,6 +24,7 @@ Steps:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import MISSING as _MISSING, dataclass, field
 from typing import Any, Sequence
@@ -35,7 +39,7 @@ from ..errors import ZkdError
 from ..evaluate import evaluate_model
 from ..objectives import ObjectiveSet
 from ..shards import read_manifest
-from .calibrate import ACT_METHODS, calibrate_weights
+from .calibrate import ACT_METHODS, calibrate_activations, calibrate_weights
 from .finetune import DEFAULT_TEMPERATURE, finetune, finetune_objectives
 from .fold import find_conv_bn_pairs, fold_bn
 from .modules import LayerConfig, QuantConfig, check_supported, quantize_model
@@ -45,6 +49,7 @@ from .equalize import (BIAS_CORRECTION_MODES, EQUALIZE_CRITERIA, RELU6_MODES, ab
                        bn_stats, correct_bias, correct_bias_analytic, equalize)
 from .mixed import choose_bits
 from .report import CALIBRATION_SET_AGREEMENT, global_metrics, layer_report
+from .validation import Validation, bn_probe, guard_split, make_validation
 
 __all__ = ["GUARD_METHODS", "RECON_DEFAULT_ITERS", "CalibrationOptions", "CalibrationResult", "calibrate_student",
            "check_data_teacher", "data_kind", "guard_split", "recon_by_default"]
@@ -105,6 +110,12 @@ class CalibrationOptions(Config):
                                min=0, max=1, min_open=True)
     recon_lambda: float = option(0.01, "AdaRound rounding-loss weight.", min=0)
     recon_lr: float = option(1e-3, "Adam learning rate of the AdaRound rounding variables.", min=0, min_open=True)
+    recon_check: bool = option(True, "Keep the reconstructed student only if its logit KL to the teacher on the "
+                               "validation images (held-out quarter + BN probe) is below the PTQ student's; else keep "
+                               "the PTQ student.", kind="bool")
+    probe_images: int = option(64, "Validation images synthesized from the teacher's BN statistics (BNS-KL, 50 "
+                               "steps), pooled with the held-out quarter of the calibration images to score the "
+                               "guard's candidates and the reconstruction check (0 = held-out images only).", min=0)
     recon_mode: str = option("genie", "qdrop: AdaRound at the calibrated weight steps + LSQ activation steps, "
                              "QDrop; genie: GENIE-M, also learns the per-channel weight steps jointly with the "
                              "rounding.", choices=RECON_MODES)
@@ -217,16 +228,28 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
         hold_x, separate = cal_x[: max(opts.holdout, 1)], False
     timing["load_data"] = time.perf_counter() - t0
 
+    do_recon = bool(opts.recon if opts.recon is not None else recon_by_default(config)) and opts.recon_iters > 0
     t = time.perf_counter()
-    act_x = cal_x[: opts.act_images or n_cal]
+    # The guard and the reconstruction check judge on images that fit nothing: the last quarter plus the BN probe.
+    validation: Validation | None = None
+    fit_x = cal_x
+    if opts.a_method == "auto" or (do_recon and opts.recon_check):
+        n_held = guard_split(n_cal)
+        fit_x, held_x = (cal_x[: n_cal - n_held], cal_x[n_cal - n_held:]) if n_held else (cal_x, cal_x)
+        probe = bn_probe(teacher, opts.probe_images, opts.seed, device)
+        validation = make_validation(teacher, held_x, probe, device, opts.precision, held_out=n_held > 0)
+        timing["validation_probe"] = time.perf_counter() - t
+    t = time.perf_counter()
+    act_x = fit_x[: opts.act_images or fit_x.shape[0]]
     # None = on where the benchmark shows it helps: every layer quantized (--keep-8bit none); see docs
     do_equalize = opts.equalize if opts.equalize is not None else not config.keep_8bit
     do_bias = opts.bias_correction if opts.bias_correction is not None else not config.keep_8bit
     guard: dict[str, Any] | None = None
     if opts.a_method == "auto":
+        assert validation is not None
         pre = ([(False, False), (True, True)] if opts.equalize is None and opts.bias_correction is None
                else [(do_equalize, do_bias)])
-        built, act_stats, guard = _guarded_ptq(teacher, config, opts, act_x, device, pre)
+        built, act_stats, guard = _guarded_ptq(teacher, config, opts, act_x, device, pre, validation)
         timing["weights"] = 0.0
     else:
         built = _build_student(teacher, config, opts, act_x, device, do_equalize, do_bias)
@@ -243,13 +266,17 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
 
     recon_hist: list[dict] = []
     rcfg: ReconConfig | None = None
-    do_recon = opts.recon if opts.recon is not None else recon_by_default(config)
-    if do_recon and opts.recon_iters > 0:
+    recon_check: dict[str, Any] | None = None
+    if do_recon:
         t = time.perf_counter()
         rcfg = ReconConfig(iters=opts.recon_iters, batch_size=opts.batch_size, drop_prob=opts.recon_drop,
                            reg=opts.recon_lambda, lr_round=opts.recon_lr, mode=opts.recon_mode)
-        recon_hist = reconstruct(student, fp_model, _batches(cal_x[: opts.recon_images or n_cal], 128), device,
-                                 rcfg, seed=opts.seed, progress=opts.progress)
+        checked = validation if opts.recon_check else None
+        ptq_student = copy.deepcopy(student) if checked is not None else None
+        recon_hist = reconstruct(student, fp_model, _batches(fit_x[: opts.recon_images or fit_x.shape[0]], 128),
+                                 device, rcfg, seed=opts.seed, progress=opts.progress)
+        if checked is not None and ptq_student is not None:
+            student, recon_check = _check_reconstruction(ptq_student, student, checked, device, opts.precision)
         timing["reconstruction"] = time.perf_counter() - t
 
     ft_hist: list[dict] = []
@@ -279,7 +306,7 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
     timing["total"] = time.perf_counter() - t0
 
     settings = {k: v for k, v in opts.to_dict().items() if k != "progress"}
-    settings["recon"] = bool(do_recon and opts.recon_iters > 0)  # resolved: the report says what ran
+    settings["recon"] = do_recon  # resolved: the report says what ran
     if rcfg is not None:
         settings["reconstruction"] = rcfg.to_dict()
     settings.update(calibration_images=n_cal, heldout_images=int(hold_x.shape[0]) if separate else 0,
@@ -298,6 +325,8 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
         "eval": evaluation,
         "layers": rows,
         "recon": recon_hist,
+        "recon_check": recon_check,
+        "validation": validation.describe() if validation is not None else None,
         "ranges": guard or {"method": opts.a_method, "chosen": opts.a_method},
         "equalization": equalized,
         "bias_correction": bias_shift,
@@ -365,49 +394,63 @@ def _build_student(teacher: Any, config: QuantConfig, opts: CalibrationOptions, 
     return _Built(student, fp_model, layers, folded, equalized, mixed, bias_shift)
 
 
-def guard_split(n: int) -> int:
-    """Images of an ``n``-image calibration set held out for the guard's KL: the last quarter (none below 8)."""
-    return n // 4 if n >= 8 else 0
+def _check_reconstruction(ptq: nn.Module, recon: nn.Module, validation: Validation, device: torch.device,
+                          precision: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The reconstructed student if it is closer to the teacher on the validation images than the PTQ one, else the
+    PTQ student. Why: reconstruction fits the calibration images, and on noise or weak synthetic sets it fell 0.1-5.5
+    points below PTQ in 11 of 35 bench cells (``bench/results/lowbit.md``)."""
+    kl_ptq, kl_recon = validation.score(ptq, device, precision), validation.score(recon, device, precision)
+    kept = kl_recon <= kl_ptq
+    return (recon if kept else ptq), {"ptq_kl": kl_ptq, "recon_kl": kl_recon,
+                                      "kept": "reconstruction" if kept else "ptq"}
 
 
-def _guarded_ptq(teacher: Any, config: QuantConfig, opts: CalibrationOptions, act_x: torch.Tensor,
-                 device: torch.device, pre: Sequence[tuple[bool, bool]],
+def _guarded_ptq(teacher: Any, config: QuantConfig, opts: CalibrationOptions, fit_x: torch.Tensor,
+                 device: torch.device, pre: Sequence[tuple[bool, bool]], validation: Validation,
                  ) -> tuple[_Built, dict[str, dict[str, float]], dict[str, Any]]:
     """The default PTQ (``--a-method auto``): a whole-network, loss-aware guard over range sets and pre-steps.
 
     Why: no single range criterion or pre-step wins everywhere (measured: CLE + bias correction lifts every-layer
     MobileNetV2 W4A4 from 76.6 to 84.2 but drops every-layer ResNet14 W4A4 from 90.9 to 80.4; MSE ranges win on
     ResNet all-layers and lose at W3A3). So every candidate ``{mse, output, minmax} x pre`` (``pre``: CLE + bias
-    correction off / on, unless set explicitly) is built and scored by ``KL(p_teacher || p_student)`` of the
-    logits against the FP32 teacher on a held-out quarter of the calibration images (:func:`guard_split`) that
-    set no range, corrected no bias and chose no bit; the lowest KL wins (ties: the earlier candidate, pre-steps
-    off and MSE first). The other three quarters fit the ranges.
+    correction off / on, unless set explicitly) is built, plus ``naive`` (min/max weights and activations, no
+    pre-steps: the reference the PTQ path must not fall below), and scored by ``KL(p_teacher || p_student)`` of the
+    logits against the FP32 teacher on the validation images (:mod:`~zeroshot_kd.quant.validation`: the held-out
+    quarter of the calibration images and the BN probe), none of which set a range, corrected a bias or chose a
+    bit; the lowest KL wins (ties: the earlier candidate, pre-steps off and MSE first). ``fit_x`` fits the ranges.
 
     Returns:
         (the chosen build, its per-layer activation stats, the report entry with every candidate's KL).
     """
-    n_kl = guard_split(act_x.shape[0])
-    fit_x, kl_x = (act_x[: act_x.shape[0] - n_kl], act_x[act_x.shape[0] - n_kl:]) if n_kl else (act_x, act_x)
-    kl_batches = _batches(kl_x, 128)
-    with torch.no_grad():
-        ref = [teacher.model(x.to(device)).float() for x in kl_batches]
+    fit_batches = _batches(fit_x, opts.batch_size)
     kls: dict[str, float] = {}
     best: tuple[float, _Built, dict, str, tuple[bool, bool]] | None = None
+
+    def consider(kl: float, built: _Built, stats: dict, name: str, eq: bool, bc: bool) -> None:
+        nonlocal best
+        kls[name] = kl
+        if best is None or kl < best[0]:
+            best = (kl, built, stats, name, (eq, bc))
+
     for eq, bc in pre:
         built = _build_student(teacher, config, opts, fit_x, device, eq, bc)
         stats, by_method = calibrate_activations_auto(
-            built.student, _batches(fit_x, opts.batch_size), device, opts.precision, methods=GUARD_METHODS,
-            p=opts.lp_p, candidates=opts.candidates, percentile=opts.percentile, seed=opts.seed,
-            progress=opts.progress, kl_batches=kl_batches, ref_logits=ref)
+            built.student, fit_batches, device, opts.precision, methods=GUARD_METHODS, p=opts.lp_p,
+            candidates=opts.candidates, percentile=opts.percentile, seed=opts.seed, progress=opts.progress,
+            kl_batches=validation.batches, ref_logits=validation.ref_logits)
         suffix = ("+cle" if eq else "") + ("+bc" if bc else "")
-        kls.update({m + suffix: v for m, v in by_method.items()})
         method = min(by_method, key=lambda m: (by_method[m], GUARD_METHODS.index(m)))
-        if best is None or by_method[method] < best[0]:
-            best = (by_method[method], built, stats, method + suffix, (eq, bc))
+        kls.update({m + suffix: v for m, v in by_method.items() if m != method})
+        consider(by_method[method], built, stats, method + suffix, eq, bc)
+    if not opts.mixed_precision:  # the naive reference has uniform bits
+        naive = _build_student(teacher, config, dataclasses.replace(opts, w_method="minmax"), fit_x, device, False,
+                               False)
+        stats = calibrate_activations(naive.student, fit_batches, len(fit_batches), device, opts.precision,
+                                      "minmax", progress=opts.progress)
+        consider(validation.score(naive.student, device, opts.precision), naive, stats, "naive", False, False)
     assert best is not None
     _, built, stats, chosen, (eq, bc) = best
     report = {"method": "auto", "chosen": chosen, "equalize": eq, "bias_correction": bc, "kl_by_candidate": kls,
-              "kl_images": int(kl_x.shape[0]), "fit_images": int(fit_x.shape[0]),
-              "kl_split": "held-out" if n_kl else "calibration (fewer than 8 images: no split)",
-              "kl_reference": "FP32 teacher"}
+              "kl_images": sum(int(b.shape[0]) for b in validation.batches), "fit_images": int(fit_x.shape[0]),
+              **validation.describe()}
     return built, stats, report

@@ -182,11 +182,23 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{_fmt(r['w_scale_median'], 4)}/{_fmt(r['w_scale_max'], 4)} | {_fmt(r['w_sqnr_db'])} | "
                      f"{_fmt(wclip)} | {_fmt(r['a_bits'])} | {agrid} | {_fmt(r['a_scale'], 4)} | "
                      f"{_fmt(r['a_zero_point'])} | {_fmt(r['a_sqnr_db'])} | {_fmt(aclip)} | {_fmt(r['out_sqnr_db'])} |")
+    ranges = report.get("ranges") or {}
+    if ranges.get("kl_by_candidate"):
+        lines += ["", f"## Range guard: kept `{ranges['chosen']}`", "",
+                  f"KL(teacher || student) on {ranges['kl_images']} validation images ({ranges['held_out_images']} "
+                  f"{ranges['kl_split']}, {ranges['probe_images']} BN probe); lowest wins.", "",
+                  "| candidate | KL |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v, 5)} |" for k, v in sorted(ranges["kl_by_candidate"].items(), key=lambda kv: kv[1])]
     if report.get("recon"):
         lines += ["", "## Block reconstruction", "", "| block | layers | loss before | loss after |",
                   "|---|---|---|---|"]
         for r in report["recon"]:
             lines.append(f"| {r['block']} | {r['layers']} | {_fmt(r['loss_before'], 5)} | {_fmt(r['loss_after'], 5)} |")
+        check = report.get("recon_check")
+        if check:
+            lines += ["", f"Reconstruction check: validation KL {_fmt(check['ptq_kl'], 5)} after PTQ, "
+                      f"{_fmt(check['recon_kl'], 5)} after reconstruction: kept the "
+                      f"{'reconstructed' if check['kept'] == 'reconstruction' else 'PTQ'} student."]
     if report.get("finetune"):
         keys = [k for k in report["finetune"][0] if k != "step"]
         lines += ["", "## Fine-tuning", "", "| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
