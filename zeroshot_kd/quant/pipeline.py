@@ -398,7 +398,7 @@ def _check_reconstruction(ptq: nn.Module, recon: nn.Module, validation: Validati
                           precision: str) -> tuple[nn.Module, dict[str, Any]]:
     """The reconstructed student if it is closer to the teacher on the validation images than the PTQ one, else the
     PTQ student. Why: reconstruction fits the calibration images, and on noise or weak synthetic sets it fell 0.1-5.5
-    points below PTQ in 11 of 35 bench cells (``bench/results/lowbit.md``)."""
+    points below PTQ in 11 of 35 bench cells (``bench/results/lowbit-before-validation.md``)."""
     kl_ptq, kl_recon = validation.score(ptq, device, precision), validation.score(recon, device, precision)
     kept = kl_recon <= kl_ptq
     return (recon if kept else ptq), {"ptq_kl": kl_ptq, "recon_kl": kl_recon,

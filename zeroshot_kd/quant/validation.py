@@ -12,7 +12,7 @@ set no range, corrected no bias and trained no rounding:
 
 Why the probe: the held-out quarter comes from the same source as the calibration images, so when those are far
 from the teacher's training data (Gaussian noise, weak synthetic sets) the choice that fits them best is often the
-worst on real data. Measured (``bench/results/lowbit.md`` before the probe): on every-layer W4A4 with Gaussian
+worst on real data. Measured (``bench/results/lowbit-before-validation.md``): on every-layer W4A4 with Gaussian
 calibration images the guard chose output-error ranges at 70.15% (ResNet14) and 27.60% (MobileNetV2) where naive
 min/max gave 90.75 / 65.85; scored with 64 probe images it picks min/max (90.40 / 57.90). The teacher's BN
 statistics are the one description of its training data that zkd always has, and images matched to them exercise
