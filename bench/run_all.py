@@ -18,6 +18,9 @@ ORDER = [
     ["bench_objectives.py"],
     # issue 11: W4A4 / W3A3 / all-layers W4A4 for both teachers, new ranges, CLE/BC, recon, mixed precision
     ["bench_lowbit.py", "--before", "bench/results/lowbit-before-validation.json"],
+    # issue 11: how the guard should pool its two validation sources (held-out quarter, BN probe), per teacher
+    ["bench_guard.py", "--teachers", "fmnist_resnet14", "--name", "guard-r"],
+    ["bench_guard.py", "--teachers", "fmnist_mobilenetv2", "--name", "guard-m"],
     # issue 11: reconstruction cost per step against its floor, accuracy vs iterations, qdrop vs genie
     ["bench_recon.py"],
     # issue 13: packed student sizes, ONNX QDQ latency and top-1 in ONNX Runtime
