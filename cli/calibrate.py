@@ -67,7 +67,7 @@ def command(bits: int, w_bits: int | None, a_bits: int | None, w_asym: bool, kee
     from zeroshot_kd.errors import ZkdError
     from zeroshot_kd.io import atomic_write_bytes, atomic_write_json
     from zeroshot_kd.quant.pipeline import calibrate_student
-    from zeroshot_kd.quant.report import render_markdown
+    from zeroshot_kd.quant.report import render_markdown, rounding_rate_line
     from zeroshot_kd.quant.student import architecture_record, save_student
     from zeroshot_kd.runtime import resolve_device
 
@@ -119,6 +119,9 @@ def command(bits: int, w_bits: int | None, a_bits: int | None, w_asym: bool, kee
     if ranges.get("kl_by_candidate"):
         echo(f"ranges: kept {ranges['chosen']} (lowest validation KL of {len(ranges['kl_by_candidate'])} candidates, "
              f"{ranges['held_out_images']} held-out + {ranges['probe_images']} BN-probe images)")
+    rate = rounding_rate_line(result.report)
+    if rate:
+        echo("reconstruction: " + rate[0].lower() + rate[1:])
     if check:
         echo(f"reconstruction check: validation KL {check['ptq_kl']:.4f} (PTQ) -> {check['recon_kl']:.4f}: kept the "
              f"{'reconstructed' if check['kept'] == 'reconstruction' else 'PTQ'} student")

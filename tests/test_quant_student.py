@@ -9,14 +9,17 @@ import pytest
 import torch
 
 from conftest import spy_rand
-from zeroshot_kd.data import FASHION_MNIST_SPEC
+from zeroshot_kd.data import FASHION_MNIST_SPEC, make_dataset
 from zeroshot_kd.errors import ZkdError
 from zeroshot_kd.objectives import Objective, ObjectiveSet, build
 from zeroshot_kd.objectives.base import KDBatch
 from zeroshot_kd.quant.finetune import finetune
 from zeroshot_kd.quant.modules import QuantConfig, quant_layers
 from zeroshot_kd.quant.pipeline import RECON_DEFAULT_ITERS, CalibrationOptions, calibrate_student, recon_by_default
-from zeroshot_kd.quant.recon import ReconConfig, find_blocks, reconstruct
+from zeroshot_kd.quant.fakequant import FakeQuantizer
+from zeroshot_kd.quant.recon import PAPER_ITERS, PAPER_LR_ROUND, ReconConfig, find_blocks, reconstruct, round_lr
+from zeroshot_kd.quant.report import rounding_rate_line
+from zeroshot_kd.similarity import VERDICT_FAR
 from zeroshot_kd.quant.student import FORMAT_VERSION, load_student, read_student_file, save_student
 from zeroshot_kd.teachers import Teacher, state_sha256
 
@@ -201,3 +204,98 @@ def test_reconstruction_is_on_by_default_at_4_bits_or_fewer(small_teacher, bits,
     assert res.report["settings"]["recon"] is expected
     assert len(res.report["recon"]) == (len(find_blocks(res.student)) if expected else 0)
     assert RECON_DEFAULT_ITERS == CalibrationOptions(data="gaussian:1").recon_iters
+
+
+def test_rounding_learning_rate_follows_the_schedule():
+    # the papers' rate at the papers' schedule, scaled by 1 / sqrt(iters) elsewhere (closed forms)
+    assert round_lr(PAPER_ITERS) == PAPER_LR_ROUND == 1e-3
+    assert round_lr(100) == pytest.approx(1e-3 * 200 ** 0.5, rel=1e-12)
+    assert round_lr(300) == pytest.approx(0.0081650, rel=1e-4)
+    assert ReconConfig(iters=400).lr_round == pytest.approx(1e-3 * 50 ** 0.5, rel=1e-12)
+    assert ReconConfig(iters=400, lr_round=3e-3).lr_round == 3e-3  # an explicit rate is kept
+    assert ReconConfig.from_dict(ReconConfig(iters=50).to_dict()).lr_round == pytest.approx(0.02, rel=1e-12)
+    assert CalibrationOptions(data="gaussian:1").recon_lr is None  # the CLI default defers to the rule
+
+
+def bns_kl_by_hand(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """KL(N(running) || N(data)) per channel at every BN input (biased data variance, eps added to both), mean over
+    channels, then over layers: the BNS score written out directly."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].detach().double()))
+             for i, m in enumerate(bns)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    per_layer = []
+    for i, m in enumerate(bns):
+        a = seen[i].transpose(0, 1).flatten(1)
+        mu_d, var_d = a.mean(1), a.var(1, unbiased=False) + m.eps
+        mu_t, var_t = m.running_mean.double(), m.running_var.double() + m.eps
+        kl = 0.5 * torch.log(var_d / var_t) + (var_t + (mu_t - mu_d) ** 2) / (2 * var_d) - 0.5
+        per_layer.append(float(kl.mean()))
+    return sum(per_layer) / len(per_layer)
+
+
+def matched_teacher(teacher: Teacher, x: torch.Tensor) -> Teacher:
+    """A copy of ``teacher`` whose BN running statistics are those of ``x`` (one train-mode pass with a cumulative
+    average): to it, ``x`` looks like its training data."""
+    net = copy.deepcopy(teacher.model)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    net.train()
+    with torch.no_grad():
+        net(x)
+    net.eval().requires_grad_(False)
+    return Teacher(net, teacher.spec, {"kind": "test"}, state_sha256(net))
+
+
+@pytest.mark.parametrize("case", ["gaussian (far)", "matched (close)", "explicit --recon-lr"])
+def test_rounding_rate_moves_the_variables_and_the_report_says_how_far_the_data_is(small_teacher, monkeypatch,
+                                                                                     case):
+    """One Adam step moves every rounding variable with a non-zero gradient by the rate (Adam's first step is
+    ``lr * g / (|g| + eps)``), so the displacement measured on the student is the rate the run used: the schedule
+    rule unless --recon-lr is given. The report's data score is the BNS divergence computed directly, with its
+    verdict and, for far data, the advice."""
+    starts, ends = [], []
+    start, finish = FakeQuantizer.start_adaround, FakeQuantizer.finish_adaround
+
+    def spy_start(self, w, learn_scale=False):
+        start(self, w, learn_scale)
+        starts.append(self.adaround.detach().clone())
+
+    def spy_finish(self, weight):
+        ends.append(self.adaround.detach().clone())
+        finish(self, weight)
+
+    monkeypatch.setattr(FakeQuantizer, "start_adaround", spy_start)
+    monkeypatch.setattr(FakeQuantizer, "finish_adaround", spy_finish)
+    lr = 4e-3 if case.startswith("explicit") else None
+    opts = CalibrationOptions(data="gaussian:32", num_images=32, holdout=0, batch_size=16, candidates=20,
+                              progress=False, a_method="mse", recon=True, recon_check=False, recon_iters=1,
+                              recon_lambda=0.0, recon_lr=lr)
+    ds = make_dataset("gaussian:32", small_teacher.spec, num_images=32, seed=0)  # the images the run draws
+    images = torch.stack([ds[i][0] for i in range(32)])
+    teacher = matched_teacher(small_teacher, images) if case.startswith("matched") else small_teacher
+    res = calibrate_student(teacher, QuantConfig(4, 4), opts, torch.device("cpu"))
+    rec = res.report["settings"]["reconstruction"]
+    score = bns_kl_by_hand(teacher.model, images)
+    assert rec["data_fit"]["score"] == pytest.approx(score, rel=1e-6)
+    line = rounding_rate_line(res.report)
+    if case.startswith("matched"):
+        assert score < 1e-4 and rec["data_fit"]["verdict"] == "close to the training data"
+        assert "--recon-lr 1e-3" not in line
+    else:
+        assert score > VERDICT_FAR and rec["data_fit"]["verdict"] == "far" and "--recon-lr 1e-3" in line
+    expected = PAPER_LR_ROUND * PAPER_ITERS ** 0.5 if lr is None else lr  # sqrt(20000 / 1) at one step
+    assert rec["lr_round"] == pytest.approx(expected, rel=1e-12)
+    assert f"{expected:.3g}" in line
+    assert len(starts) == len(ends) == len(quant_layers(res.student))
+    moved = torch.cat([(e - s).abs().flatten() for s, e in zip(starts, ends)]) / expected
+    # saturated h(V) (frac clipped at the grid ends) or dead inputs give no or tiny gradients; the rest move by lr
+    assert float(moved.max()) == pytest.approx(1.0, abs=1e-4)
+    assert float(torch.quantile(moved, 0.5)) == pytest.approx(1.0, abs=2e-3)
+    assert float((moved > 0.9).float().mean()) > 0.6

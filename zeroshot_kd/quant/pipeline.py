@@ -33,12 +33,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from ..bn import bn_layers
 from ..config import Config, option, require
 from ..data import make_dataset, parse_source
 from ..errors import ZkdError
 from ..evaluate import evaluate_model
 from ..objectives import ObjectiveSet
 from ..shards import read_manifest
+from ..similarity import PREDICTOR, compute_signature, score_forms, teacher_signature, verdict
 from .calibrate import ACT_METHODS, calibrate_activations, calibrate_weights
 from .finetune import DEFAULT_TEMPERATURE, finetune, finetune_objectives
 from .fold import find_conv_bn_pairs, fold_bn
@@ -52,15 +54,14 @@ from .report import CALIBRATION_SET_AGREEMENT, global_metrics, layer_report
 from .validation import Validation, bn_probe, guard_split, make_validation
 
 __all__ = ["GUARD_METHODS", "RECON_DEFAULT_ITERS", "CalibrationOptions", "CalibrationResult", "calibrate_student",
-           "check_data_teacher", "data_kind", "guard_split", "recon_by_default"]
+           "calibration_fit", "check_data_teacher", "data_kind", "guard_split", "recon_by_default"]
 
 
-#: Reconstruction steps per block by default: from the bench's accuracy-vs-iterations curve (bench/results/recon.md),
-#: 100 GENIE-M steps give most of the gain of 1000 at a tenth of the cost (ResNet14 W3A3 86.45 -> 91.10 vs 91.80;
-#: MobileNetV2 W4A4 87.95 -> 89.15 vs 89.85) and improved every cell of that curve, Gaussian calibration images
-#: included, where 1000 steps lost 3 points on MobileNetV2. In the wider low-bit grid (bench/results/lowbit.md) it
-#: gains up to 48 points where PTQ fails (ResNet14 W2A4) and falls 0.1-5.5 points below PTQ in 11 of 35 cells, all
-#: but one on noise or 50-iteration synthetic images, mostly on the MobileNetV2 (``--no-recon`` there).
+#: Reconstruction steps per block by default: from the bench's accuracy-vs-iterations curve (bench/results/recon.md,
+#: at the default rounding rate, recon.round_lr): on real images 100 steps give nearly all of the gain of
+#: 1000 at a tenth of the cost (ResNet14 W3A3 PTQ 89.0 -> 91.5 at 100, 92.0 at 1000; MobileNetV2 W4A4 87.8 -> 89.4
+#: at 100, 89.5 at 1000), and on noise more steps only fit the noise (MobileNetV2 W4A4 Gaussian 85.2 at 100, 81.9 at
+#: 1000 steps with the papers' rate).
 RECON_DEFAULT_ITERS = 100
 
 
@@ -109,7 +110,10 @@ class CalibrationOptions(Config):
     recon_drop: float = option(0.5, "QDrop probability of using the quantized value (1 = BRECQ, no dropping).",
                                min=0, max=1, min_open=True)
     recon_lambda: float = option(0.01, "AdaRound rounding-loss weight.", min=0)
-    recon_lr: float = option(1e-3, "Adam learning rate of the AdaRound rounding variables.", min=0, min_open=True)
+    recon_lr: float | None = option(None, "Adam learning rate of the AdaRound rounding variables [default: "
+                                    "1e-3 * sqrt(20000 / --recon-iters): the papers' 1e-3 at their 20k steps, "
+                                    "0.014 at 100; 1e-3 fits far calibration data less].", kind="float", min=0,
+                                    min_open=True)
     recon_check: bool = option(True, "Keep the reconstructed student only if its logit KL to the teacher on the "
                                "validation images (held-out quarter + BN probe) is below the PTQ student's; else keep "
                                "the PTQ student.", kind="bool")
@@ -266,15 +270,18 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
 
     recon_hist: list[dict] = []
     rcfg: ReconConfig | None = None
+    data_fit: dict[str, Any] | None = None
     recon_check: dict[str, Any] | None = None
     if do_recon:
         t = time.perf_counter()
+        recon_x = fit_x[: opts.recon_images or fit_x.shape[0]]
+        data_fit = calibration_fit(teacher, recon_x, device)
         rcfg = ReconConfig(iters=opts.recon_iters, batch_size=opts.batch_size, drop_prob=opts.recon_drop,
                            reg=opts.recon_lambda, lr_round=opts.recon_lr, mode=opts.recon_mode)
         checked = validation if opts.recon_check else None
         ptq_student = copy.deepcopy(student) if checked is not None else None
-        recon_hist = reconstruct(student, fp_model, _batches(fit_x[: opts.recon_images or fit_x.shape[0]], 128),
-                                 device, rcfg, seed=opts.seed, progress=opts.progress)
+        recon_hist = reconstruct(student, fp_model, _batches(recon_x, 128), device, rcfg, seed=opts.seed,
+                                 progress=opts.progress)
         if checked is not None and ptq_student is not None:
             student, recon_check = _check_reconstruction(ptq_student, student, checked, device, opts.precision)
         timing["reconstruction"] = time.perf_counter() - t
@@ -308,7 +315,7 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
     settings = {k: v for k, v in opts.to_dict().items() if k != "progress"}
     settings["recon"] = do_recon  # resolved: the report says what ran
     if rcfg is not None:
-        settings["reconstruction"] = rcfg.to_dict()
+        settings["reconstruction"] = {**rcfg.to_dict(), "data_fit": data_fit}
     settings.update(calibration_images=n_cal, heldout_images=int(hold_x.shape[0]) if separate else 0,
                     device=str(device), torch=torch.__version__, teacher_sha256=teacher.weights_sha256,
                     finetune_loss=(f"T^2 KL, T={opts.temperature}" if not objectives else
@@ -392,6 +399,21 @@ def _build_student(teacher: Any, config: QuantConfig, opts: CalibrationOptions, 
     bias_shift = (None if not do_bias else correct_bias_analytic(student, means) if analytic
                   else correct_bias(student, _batches(fit_x, 128), device))
     return _Built(student, fp_model, layers, folded, equalized, mixed, bias_shift)
+
+
+@torch.no_grad()
+def calibration_fit(teacher: Any, images: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """How far the images reconstruction fits are from the teacher's training data: their score against the
+    teacher's BN running statistics (:data:`~zeroshot_kd.similarity.PREDICTOR`, ``zkd similarity``'s calibration
+    predictor) and its verdict, recorded in the report and printed by ``zkd calibrate``. Why: reconstruction fits
+    these images, so on far data it can fit their artifacts (50-step BNS shards: MobileNetV2 W3A3 78.1 -> 58.1 at
+    the default rounding rate), and nothing else in the run can tell. ``score`` is None without BatchNorm.
+    """
+    if not bn_layers(teacher.model):
+        return {"score": None, "verdict": "no BatchNorm statistics"}
+    sig = compute_signature(teacher, TensorDataset(images), "calibration", batch_size=128, device=device)
+    score = score_forms(teacher_signature(teacher), sig)[PREDICTOR]
+    return {"score": score, "verdict": verdict(score)}
 
 
 def _check_reconstruction(ptq: nn.Module, recon: nn.Module, validation: Validation, device: torch.device,

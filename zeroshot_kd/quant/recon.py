@@ -14,7 +14,8 @@ blocks already reconstructed. Then, for ``iters`` steps on random minibatches:
   full-precision value with probability ``1 - p`` (QDrop, ``p = drop_prob``; ``p = 1`` is BRECQ);
 * loss ``||y_hat - y||^2`` (summed over channels, averaged over batch and positions)
   ``+ lambda * sum(1 - |2 h(V) - 1|^beta)`` after a 20% warm-up, beta decaying linearly 20 -> 2;
-* Adam on the rounding variables V (lr 1e-3) and on the block's activation step sizes (lr 4e-5, cosine);
+* Adam on the rounding variables V (lr :func:`round_lr`: 1e-3 at the papers' 20k steps, larger for shorter
+  schedules) and on the block's activation step sizes (lr 4e-5, cosine);
 * ``mode="genie"`` (GENIE-M, Jeon et al. 2023): the per-channel weight step sizes are learned too (lr 1e-4,
   cosine), with the integer base ``floor(w / s0)`` fixed at the calibrated step (see
   :mod:`~zeroshot_kd.quant.fakequant`); the learned steps are the layers' ``wq.scale`` and go into the student file.
@@ -40,13 +41,33 @@ from ..runtime import batch_generator, batch_seed
 from .fakequant import SCALE_EPS, bernoulli_mask
 from .modules import QUANT_TYPES, quant_layers
 
-__all__ = ["RECON_MODES", "ReconConfig", "find_blocks", "reconstruct"]
+__all__ = ["PAPER_ITERS", "PAPER_LR_ROUND", "RECON_MODES", "ReconConfig", "find_blocks", "reconstruct", "round_lr"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 MAX_BLOCK_LAYERS = 8
 
 
 RECON_MODES = ("qdrop", "genie")
+
+#: The schedule of BRECQ / QDrop / Genie's code: 20k Adam steps per block with the rounding variables at lr 1e-3.
+PAPER_ITERS, PAPER_LR_ROUND = 20000, 1e-3
+
+
+def round_lr(iters: int) -> float:
+    """Default Adam learning rate of the rounding variables for ``iters`` steps per block:
+    ``1e-3 * sqrt(20000 / iters)``, the papers' 1e-3 at their 20k steps (0.014 at 100 steps, 0.0082 at 300).
+
+    Why: a rounding decision flips when its variable ``V`` crosses 0, and ``V`` starts within about +-2.4 of it
+    (``h(V) = frac(w / s)``). Adam moves a variable by about ``lr`` per step, so at 1e-3 a 100-step schedule moves
+    it by at most 0.1 and learned rounding stays nearest rounding, where the papers' 20k steps can move it by 20;
+    keeping ``lr * sqrt(iters)`` at the papers' value keeps the reach of a noisy (random-walk) trajectory.
+    Measured at 100 steps/block (``bench/results/recon*.md``, ``lowbit.md``): real images ResNet14 W3A3 90.4 ->
+    91.5, W2A4 87.8 -> 91.1, MobileNetV2 W3A3 84.1 -> 85.6, every-layer 81.2 -> 87.7; 1000-step synthetic shards
+    MobileNetV2 W3A3 84.2 -> 86.5 (DeepInversion); weak 50-step shards, every-layer MobileNetV2 55.0 -> 82.3 (BNS).
+    The known failure: MobileNetV2 W3A3 on weak 50-step BNS / Inception shards falls 78.1 -> 58.1 (it fits their
+    artifacts, and the validation images, being synthetic too, cannot tell); ``--recon-lr 1e-3`` there.
+    """
+    return PAPER_LR_ROUND * math.sqrt(PAPER_ITERS / max(int(iters), 1))
 
 
 @dataclass
@@ -61,7 +82,8 @@ class ReconConfig(Config):
         reg: weight of AdaRound's rounding regularizer.
         beta: start and end of the regularizer's annealed exponent.
         warmup: fraction of the steps without the regularizer.
-        lr_round: Adam learning rate of the rounding variables.
+        lr_round: Adam learning rate of the rounding variables; None: :func:`round_lr` of ``iters`` (resolved when
+            the config is made, so the recorded config holds the rate used).
         lr_scale: Adam learning rate (cosine-decayed) of the activation steps.
         mode: ``"qdrop"`` (AdaRound at the calibrated weight steps + LSQ activations) or ``"genie"`` (GENIE-M:
             the per-channel weight steps are learned too, jointly with the rounding).
@@ -79,7 +101,7 @@ class ReconConfig(Config):
     reg: float = 0.01
     beta: tuple[float, float] = (20.0, 2.0)
     warmup: float = 0.2
-    lr_round: float = 1e-3
+    lr_round: float | None = None
     lr_scale: float = 4e-5
     mode: str = "qdrop"
     lr_w_scale: float = 1e-4
@@ -87,6 +109,8 @@ class ReconConfig(Config):
 
     def __post_init__(self) -> None:
         self.beta = tuple(float(b) for b in self.beta)  # type: ignore[assignment]
+        if self.lr_round is None:
+            self.lr_round = round_lr(self.iters)
         require([(self.iters >= 0, f"reconstruction iters must be >= 0, got {self.iters}"),
                  (self.batch_size >= 1, f"reconstruction batch_size must be >= 1, got {self.batch_size}"),
                  (0 < self.drop_prob <= 1, f"--recon-drop must be in (0, 1], got {self.drop_prob}"),

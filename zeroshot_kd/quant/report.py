@@ -19,10 +19,11 @@ from torch.utils.data import TensorDataset
 
 from ..capture import Capture
 from ..evaluate import evaluate_model
+from ..similarity import VERDICTS
 from .fakequant import sqnr_db
 from .modules import quant_layers
 
-__all__ = ["CALIBRATION_SET_AGREEMENT", "global_metrics", "layer_report", "render_markdown"]
+__all__ = ["CALIBRATION_SET_AGREEMENT", "global_metrics", "layer_report", "render_markdown", "rounding_rate_line"]
 
 # What the agreement is called when --data had no images beyond the calibration set (so none were held out).
 CALIBRATION_SET_AGREEMENT = "calibration-set agreement (no held-out images)"
@@ -143,6 +144,23 @@ def global_metrics(student: nn.Module, teacher: nn.Module, batches: Sequence[tor
     return out
 
 
+def rounding_rate_line(report: dict[str, Any]) -> str | None:
+    """One line on the reconstruction's rounding learning rate and how far its images are from the training data
+    (with advice when they are far), or None without reconstruction."""
+    rec = (report.get("settings") or {}).get("reconstruction") or {}
+    if "lr_round" not in rec:
+        return None
+    line = f"Rounding learning rate {rec['lr_round']:.3g}"
+    fit = rec.get("data_fit") or {}
+    if fit.get("score") is None:
+        return line + "."
+    line += f"; calibration images: bns {fit['score']:.4g}, {fit['verdict']}."
+    if fit["verdict"] == VERDICTS[2]:
+        line += (" Reconstruction may fit their artifacts: prefer images closer to the training data (zkd "
+                 "synthesize at its default iterations), or --recon-lr 1e-3 to fit them less.")
+    return line
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """A human-readable report.md from the report dict written by the calibration pipeline."""
     cfg, g = report["config"], report["heldout"]
@@ -190,8 +208,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "| candidate | KL |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v, 5)} |" for k, v in sorted(ranges["kl_by_candidate"].items(), key=lambda kv: kv[1])]
     if report.get("recon"):
-        lines += ["", "## Block reconstruction", "", "| block | layers | loss before | loss after |",
-                  "|---|---|---|---|"]
+        rate = rounding_rate_line(report)
+        lines += ["", "## Block reconstruction", ""] + ([rate, ""] if rate else []) + [
+            "| block | layers | loss before | loss after |", "|---|---|---|---|"]
         for r in report["recon"]:
             lines.append(f"| {r['block']} | {r['layers']} | {_fmt(r['loss_before'], 5)} | {_fmt(r['loss_after'], 5)} |")
         check = report.get("recon_check")
