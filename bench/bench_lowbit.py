@@ -10,6 +10,9 @@ Columns, each top-1 on real Fashion-MNIST test images after a calibration with t
 * ``default PTQ``: today's default, the loss-aware guard (``--a-method auto``: {mse, output, minmax} x {CLE + bias
   correction off, on}, lowest logit KL to the FP32 teacher on a held-out quarter of the calibration images);
   ``chosen`` names the candidate it kept;
+* ``default calibrate``: ``zkd calibrate``'s defaults (the guard, GENIE-M reconstruction at <= 4 bits with the
+  rounding rate of ``round_lr``, the reconstruction check); ``calibrate, lr 1e-3``: the same with the rounding rate
+  pinned to the papers' 1e-3 (the default before);
 * ``+ recon (qdrop)`` / ``+ recon (genie)``: the default PTQ student followed by block reconstruction,
   ``--recon-iters`` steps/block and the pipeline's other recon defaults, in the two modes: AdaRound + LSQ
   activation steps + QDrop (``--recon-mode qdrop``) and GENIE-M (weight step sizes learned jointly with the
@@ -68,8 +71,11 @@ NO_PRE = {"a_method": "mse", "equalize": False, "bias_correction": False}
 PTQ_COLUMNS = ["naive min/max", "old MSE PTQ", "default PTQ"]
 RECON_COLUMNS = {"+ recon (qdrop)": "qdrop", "+ recon (genie)": "genie"}
 DEFAULT_COLUMN = "default calibrate"
-COLUMNS = PTQ_COLUMNS + [DEFAULT_COLUMN] + list(RECON_COLUMNS) + ["+ KD fine-tune", "mixed @ uniform size"]
-BEFORE_COLUMNS = ("default PTQ", "+ recon (genie)")  # read from --before, a results json of an earlier run
+# zkd calibrate's defaults with the rounding learning rate pinned to the papers' 1e-3 (the default before round_lr)
+LR_COLUMNS = {"calibrate, lr 1e-3": 1e-3}
+COLUMNS = (PTQ_COLUMNS + [DEFAULT_COLUMN] + list(LR_COLUMNS) + list(RECON_COLUMNS)
+           + ["+ KD fine-tune", "mixed @ uniform size"])
+BEFORE_COLUMNS = ("default PTQ", "default calibrate")  # read from --before, a results json of an earlier run
 SHARD_METHODS = {"inception": {}, "bns": {}, "deepinversion": {"bn_weight": 0.1}}
 
 
@@ -150,7 +156,7 @@ class Bench:
         a = self.args
         d = {"teacher": tname, "source": source, "n": a.num_images, "setting": setting, "col": col,
              "recon_iters": a.recon_iters, "ft": a.finetune_steps, "eval": a.eval_images,
-             "shard_it": a.shard_iterations, "v": 4}
+             "shard_it": a.shard_iterations, "v": 5}
         return CACHE / "lowbit" / (hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16] + ".json")
 
     def cached(self, tname: str, source: str, setting: str, col: str) -> dict[str, Any] | None:
@@ -199,10 +205,15 @@ class Bench:
 
     def default(self, tname: str, source: str, setting: tuple) -> None:
         """What ``zkd calibrate`` does by default: the guard, GENIE-M reconstruction (<= 4 bits) and its check."""
-        if self.cached(tname, source, setting[0], DEFAULT_COLUMN) is None:
-            res, sec = self.calibrate(tname, source, setting, recon=None, recon_iters=self.args.recon_iters)
-            self.record(tname, source, setting[0], DEFAULT_COLUMN, res.student, sec,
-                        chosen=res.report["ranges"]["chosen"], recon_check=res.report["recon_check"])
+        for col, lr in {DEFAULT_COLUMN: None, **LR_COLUMNS}.items():
+            if self.cached(tname, source, setting[0], col) is not None:
+                continue
+            res, sec = self.calibrate(tname, source, setting, recon=None, recon_iters=self.args.recon_iters,
+                                      recon_lr=lr)
+            rec = res.report["settings"].get("reconstruction") or {}
+            self.record(tname, source, setting[0], col, res.student, sec, chosen=res.report["ranges"]["chosen"],
+                        recon_check=res.report["recon_check"], lr_round=rec.get("lr_round"),
+                        data_fit=rec.get("data_fit"))
 
     def recon_ft(self, tname: str, source: str, setting: tuple) -> None:
         """Both reconstruction modes from the cached default-PTQ student; KD fine-tuning after GENIE-M."""
@@ -262,6 +273,20 @@ def _delta_check(value: float | None, ref: float | None) -> str:
     return "ok" if value >= ref - 0.5 else f"MISS ({value - ref:+.2f})"
 
 
+def _lr_summary(row_cells: list) -> list[str]:
+    """Mean top-1 of the default and the pinned-rate columns over the rows that have both, the rows where the
+    default is more than 0.5 points below / above the pinned rate, and the worst difference."""
+    cols = [DEFAULT_COLUMN, *LR_COLUMNS]
+    rows = [{c: cells[c]["top1"] for c in cols} for _, _, cells in row_cells if all(cells.get(c) for c in cols)]
+    if not rows:
+        return []
+    means = ", ".join(f"{c} {sum(r[c] for r in rows) / len(rows):.2f}" for c in cols)
+    diff = [r[DEFAULT_COLUMN] - max(r[c] for c in LR_COLUMNS) for r in rows]
+    return [f"Rounding rate over {len(rows)} rows: mean top-1 {means}; the default is more than 0.5 points below "
+            f"the pinned rate in {sum(d < -0.5 for d in diff)} rows (worst {min(diff):+.2f}) and above it in "
+            f"{sum(d > 0.5 for d in diff)} (best {max(diff):+.2f}).", ""]
+
+
 def tables(bench: Bench, args: argparse.Namespace) -> None:
     """Rewrite the result files from the cache (missing cells: ``-``; columns with no cell are left out)."""
     before = json.loads(Path(args.before).read_text())["results"] if args.before else {}
@@ -272,14 +297,16 @@ def tables(bench: Bench, args: argparse.Namespace) -> None:
              f"recon = {args.recon_iters} steps/block; KD fine-tune = {args.finetune_steps} steps after "
              "the genie recon (W3A3 and all layers only). `all layers` = `--keep-8bit none`. `default PTQ` = the "
              "guard (`--a-method auto`, `--no-recon`); `default calibrate` = `zkd calibrate`'s defaults (the guard, "
-             "then GENIE-M reconstruction at <= 4 bits, kept only if it lowers the validation KL: `recon kept`). "
+             "then GENIE-M reconstruction at <= 4 bits with the rounding rate 1e-3 * sqrt(20000 / steps), kept "
+             "only if it lowers the validation KL: `recon kept`); `calibrate, lr 1e-3` = the same with the rounding "
+             "rate pinned to the papers' 1e-3 (the default before). "
              "`chosen` = the candidate the guard kept (`+cle+bc` = with equalization and bias correction, `naive` = "
              "min/max weights and activations). Seconds = the whole calibration run on a shared "
              "2-core CPU, 1 thread (evaluation excluded; + recon / + KD fine-tune include the PTQ before them). "
              "`-` = not run within the budget.", ""]
     if before:
-        lines += [f"`before: ...` columns: the same cells from `{Path(args.before).name}` (the guard and the "
-                  "reconstruction before the validation probe and the reconstruction check).", ""]
+        lines += [f"`before: ...` columns: the same cells from `{Path(args.before).name}`, an earlier run of this "
+                  f"script ({args.before_note or 'see the README'}).", ""]
     results: dict[str, Any] = {}
     for tname in args.teachers.split(","):
         teacher = bench.teacher(tname)
@@ -310,6 +337,7 @@ def tables(bench: Bench, args: argparse.Namespace) -> None:
         lines += [f"## {tname} (FP32 {fp:.2f}% on these images)", "",
                   markdown_table(["setting", "data", "FP32"] + [f"before: {c}" for c in old] + cols
                                  + ["chosen", "recon kept", "PTQ >= naive", "default >= PTQ"], rows),
+                  *_lr_summary(row_cells),
                   "Seconds per calibration run:", "", markdown_table(["setting", "data"] + cols, trows)]
     lines += [f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, cpu, torch {torch.__version__}.",
               ""]
@@ -330,6 +358,7 @@ def main() -> None:
     ap.add_argument("--phases", default="ptq,default,recon,mixed", help="comma list of ptq, default, recon, mixed")
     ap.add_argument("--before", default="", help="results json of an earlier run: its default PTQ and genie "
                     "columns are shown beside this run's (e.g. bench/results/lowbit-before-validation.json)")
+    ap.add_argument("--before-note", default="", help="what differed in the --before run (shown in the table text)")
     ap.add_argument("--table-only", action="store_true", help="rewrite the tables from the cache, run nothing")
     ap.add_argument("--name", default="lowbit")
     args = ap.parse_args()

@@ -9,8 +9,10 @@ Two tables, both on real Fashion-MNIST test images and one CPU thread:
   ``float floor`` = one forward+backward of the float block with trainable weights. Ratios per block and their mean.
 * **accuracy vs iterations**: fmnist_resnet14 W3A3 and fmnist_mobilenetv2 W4A4 (8-bit first/last layers), real and
   gaussian calibration images, reconstruction at ``--iters`` steps per block in ``qdrop`` and ``genie`` mode, after
-  the library's PTQ ranges (``zkd calibrate`` defaults, no reconstruction). Each cell: top-1 and CPU seconds of
-  the reconstruction.
+  the library's PTQ ranges (``zkd calibrate`` defaults, no reconstruction), at each rounding learning rate of
+  ``--lrs`` (``rule`` = :func:`~zeroshot_kd.quant.recon.round_lr`, the default, ``1e-3`` = the papers' fixed
+  rate, the default before). ``--sources`` also takes synthetic shards (``bns@50`` = 256 BNS images at 50 synthesis
+  steps) and ``--bits`` another setting. Each cell: top-1 and CPU seconds of the reconstruction.
 
 Small settings for a shared CPU (defaults: 256 calibration images, 2000 test images, iterations 100/300/1000).
 Full size: ``--images 1024 --eval-images 10000 --iters 100 300 1000 3000``. Every cell is cached in
@@ -21,6 +23,8 @@ Usage::
 
     python bench/bench_recon.py
     python bench/bench_recon.py --teachers fmnist_resnet14 --sources real --iters 100 300
+    python bench/bench_recon.py --teachers fmnist_mobilenetv2 --bits 3 3 --sources real bns@50 deepinversion@1000 \
+        --iters 100 --name recon-lr-w3
 """
 
 from __future__ import annotations
@@ -41,31 +45,45 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import CACHE, RESULTS, markdown_table, write_result  # noqa: E402
 
-from zeroshot_kd import load_teacher  # noqa: E402
+from zeroshot_kd import load_teacher, synthesize  # noqa: E402
 from zeroshot_kd.data import make_dataset  # noqa: E402
 from zeroshot_kd.evaluate import evaluate_model  # noqa: E402
 from zeroshot_kd.io import atomic_write_json  # noqa: E402
 from zeroshot_kd.quant.modules import QuantConfig  # noqa: E402
 from zeroshot_kd.quant.pipeline import CalibrationOptions, calibrate_student  # noqa: E402
-from zeroshot_kd.quant.recon import RECON_MODES, ReconConfig, reconstruct  # noqa: E402
+from zeroshot_kd.quant.recon import RECON_MODES, ReconConfig, reconstruct, round_lr  # noqa: E402
 
 CASES = {"fmnist_resnet14": ("W3A3", 3, 3), "fmnist_mobilenetv2": ("W4A4", 4, 4)}
+KEEP_8BIT = "first,last"  # --keep-8bit
 CPU = torch.device("cpu")
-VERSION = 1  # bump to invalidate cached cells
+VERSION = 2  # bump to invalidate cached cells
 SPEED_CODE = 2  # bump when the step loop changes (re-times the speed table only)
 
 
-def data_source(source: str, n: int) -> str:
-    return "fashion-mnist:train" if source == "real" else f"gaussian:{n}"
+SHARD_KW = {"inception": {}, "bns": {}, "deepinversion": {"bn_weight": 0.1}}  # as bench_lowbit.py
+
+
+def data_source(source: str, n: int, tname: str) -> str:
+    """``real``, ``gaussian`` or ``METHOD@ITERS`` (n synthesized images of this teacher, cached in bench/cache)."""
+    if source == "real":
+        return "fashion-mnist:train"
+    if source == "gaussian":
+        return f"gaussian:{n}"
+    method, _, iters = source.partition("@")
+    out = CACHE / "recon" / f"{tname}-{method}-{n}-it{iters}"
+    if not (out / "manifest.json").is_file():
+        synthesize(out, teacher=tname, method=method, num_images=n, batch_size=64, device="cpu", seed=0,
+                   resume=out.exists(), progress=False, iterations=int(iters), **SHARD_KW[method])
+    return f"shards:{out}"
 
 
 def ptq(teacher: Any, tname: str, source: str, n: int) -> tuple[Any, torch.Tensor, float]:
     """The PTQ student (library defaults, no reconstruction), its calibration images and the seconds it took."""
     label, w, a = CASES[tname]
-    data = data_source(source, n)
+    data = data_source(source, n, tname)
     t0 = time.perf_counter()
-    res = calibrate_student(teacher, QuantConfig(w, a), CalibrationOptions(data=data, num_images=n, holdout=0,
-                                                                          recon=False, progress=False), CPU)
+    opts = CalibrationOptions(data=data, num_images=n, holdout=0, recon=False, progress=False)
+    res = calibrate_student(teacher, QuantConfig(w, a, keep_8bit=KEEP_8BIT), opts, CPU)
     seconds = time.perf_counter() - t0
     ds = make_dataset(data, teacher.spec, num_images=n, seed=0)
     cal_x = torch.stack([ds[i][0] for i in range(n)]).float()
@@ -88,13 +106,19 @@ def cell(key_d: dict, fn) -> dict | None:
     return out
 
 
+def lr_value(lr: str, iters: int) -> float:
+    """``--lrs`` entry -> ReconConfig.lr_round: ``rule`` = round_lr(iters) (the library default), else the number."""
+    return round_lr(iters) if lr == "rule" else float(lr)
+
+
 def run_recon(base: Any, cal_x: torch.Tensor, mode: str, iters: int, test_ds: Any, teacher: Any,
-              time_floor: int = 0) -> dict:
+              time_floor: int = 0, lr: str = "rule") -> dict:
     student = copy.deepcopy(base.student)
     batches = [cal_x[i:i + 128] for i in range(0, cal_x.shape[0], 128)]
     t0 = time.perf_counter()
     hist = reconstruct(student, base.fp_model, batches, CPU, ReconConfig(iters=iters, mode=mode,
-                                                                         time_floor=time_floor),
+                                                                         time_floor=time_floor,
+                                                                         lr_round=lr_value(lr, iters)),
                        seed=0, progress=False)
     seconds = time.perf_counter() - t0
     ev = evaluate_model(student, test_ds, CPU, teacher=teacher.model, progress=False)
@@ -105,7 +129,8 @@ def render(rows_speed: list[dict], rows_acc: list[dict], fp: dict, ptq_rows: dic
     lines = ["# Block reconstruction: speed and accuracy vs iterations (issue 11)", "",
              f"Generated by `python bench/bench_recon.py` (torch {torch.__version__}, {platform.machine()}, "
              f"{torch.get_num_threads()} thread(s)); {args.images} calibration images, top-1 on "
-             f"{args.eval_images} real Fashion-MNIST test images, batch 32, QDrop p = 0.5, lambda 0.01.", "",
+             f"{args.eval_images} real Fashion-MNIST test images, batch 32, QDrop p = 0.5, lambda 0.01; rounding "
+             "learning rate `rule` = 1e-3 * sqrt(20000 / iters) (the default), `1e-3` = the papers' fixed rate.", "",
              "## Speed: cost of one reconstruction step against its floor", "",
              "`step` = one full step (index sampling and QDrop masks on the device, forward, loss + rounding "
              "regularizer, backward, Adam steps, step clamping); `floor` = a bare forward+backward of the same block "
@@ -129,16 +154,17 @@ def render(rows_speed: list[dict], rows_acc: list[dict], fp: dict, ptq_rows: dic
               "cell). Cells: top-1 % (reconstruction CPU seconds).", ""]
     for tname in args.teachers:
         label = CASES[tname][0]
-        header = ["data", "FP32", "PTQ"] + [f"{m} {it}" for it in args.iters for m in args.modes]
+        combos = [(it, m, lr) for it in args.iters for m in args.modes for lr in args.lrs]
+        header = ["data", "FP32", "PTQ"] + [f"{m} {it}" + (f" lr {lr}" if len(args.lrs) > 1 else "")
+                                            for it, m, lr in combos]
         table = []
         for source in args.sources:
             row = [f"{source}@{args.images}", f"{fp[tname]:.2f}",
                    f"{ptq_rows[(tname, source)]['top1']:.2f}" if (tname, source) in ptq_rows else "-"]
-            for it in args.iters:
-                for m in args.modes:
-                    c = next((r for r in rows_acc if r["teacher"] == tname and r["source"] == source
-                              and r["mode"] == m and r["iters"] == it), None)
-                    row.append("not run" if c is None else f"{c['top1']:.2f} ({c['recon_s']:.0f}s)")
+            for it, m, lr in combos:
+                c = next((r for r in rows_acc if r["teacher"] == tname and r["source"] == source
+                          and r["mode"] == m and r["iters"] == it and r["lr"] == lr), None)
+                row.append("not run" if c is None else f"{c['top1']:.2f} ({c['recon_s']:.0f}s)")
             table.append(row)
         lines += [f"### {tname} {label}", "", markdown_table(header, table)]
     text = "\n".join(lines) + "\n"
@@ -150,9 +176,15 @@ def render(rows_speed: list[dict], rows_acc: list[dict], fp: dict, ptq_rows: dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--teachers", nargs="+", default=list(CASES))
-    ap.add_argument("--sources", nargs="+", default=["real", "gaussian"], choices=["real", "gaussian"])
+    ap.add_argument("--sources", nargs="+", default=["real", "gaussian"],
+                    help="real, gaussian, or METHOD@ITERS shards (inception, bns, deepinversion), e.g. bns@50")
     ap.add_argument("--modes", nargs="+", default=list(RECON_MODES), choices=list(RECON_MODES))
     ap.add_argument("--iters", nargs="+", type=int, default=[100, 300, 1000])
+    ap.add_argument("--lrs", nargs="+", default=["rule", "1e-3"],
+                    help="rounding learning rates: rule (round_lr, the library default) and/or numbers")
+    ap.add_argument("--bits", nargs=2, type=int, metavar=("W", "A"), default=None,
+                    help="weight and activation bits of every case [default: W3A3 ResNet14, W4A4 MobileNetV2]")
+    ap.add_argument("--keep-8bit", default="first,last", help="8-bit layers of every case (none = all layers)")
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--eval-images", type=int, default=2000)
     ap.add_argument("--speed-iters", type=int, default=50)
@@ -163,6 +195,12 @@ def main() -> None:
     ap.add_argument("--name", default="recon", help="result file name under bench/results/ (e.g. recon-speed with "
                                                     "--no-acc, so the accuracy tables stay)")
     args = ap.parse_args()
+    global KEEP_8BIT
+    KEEP_8BIT = args.keep_8bit
+    if args.bits or args.keep_8bit != "first,last":
+        for t, (label, w0, a0) in CASES.items():
+            w, a = args.bits or (w0, a0)
+            CASES[t] = (f"W{w}A{a}" + (f" keep {args.keep_8bit}" if args.keep_8bit != "first,last" else ""), w, a)
     global CACHED_ONLY
     CACHED_ONLY = args.cached_only
     torch.set_num_threads(1)
@@ -216,15 +254,16 @@ def main() -> None:
             teacher, test_ds = teachers[tname]
             for source in args.sources:
                 for m in args.modes:
-                    r = cell({**common(tname, source), "what": "acc", "mode": m, "iters": it},
-                             lambda: run_recon(*get_base(tname, source)[:2], m, it, test_ds, teacher))
-                    if r is None:
-                        continue
-                    r.update(mode=m, iters=it)
-                    rows_acc.append(r)
-                    print(f"[recon] {tname} {source} {m} {it}: top1 {r['top1']:.2f} ({r['recon_s']:.0f}s)",
-                          file=sys.stderr, flush=True)
-                    render(rows_speed, rows_acc, fp, ptq_rows, args)
+                    for lr in args.lrs:
+                        r = cell({**common(tname, source), "what": "acc", "mode": m, "iters": it, "lr": lr},
+                                 lambda: run_recon(*get_base(tname, source)[:2], m, it, test_ds, teacher, lr=lr))
+                        if r is None:
+                            continue
+                        r.update(mode=m, iters=it, lr=lr)
+                        rows_acc.append(r)
+                        print(f"[recon] {tname} {source} {m} {it} lr {lr}: top1 {r['top1']:.2f} "
+                              f"({r['recon_s']:.0f}s)", file=sys.stderr, flush=True)
+                        render(rows_speed, rows_acc, fp, ptq_rows, args)
     render(rows_speed, rows_acc, fp, ptq_rows, args)
 
 

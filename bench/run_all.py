@@ -17,12 +17,26 @@ ORDER = [
      "--extras-ptq-only"],
     ["bench_objectives.py"],
     # issue 11: W4A4 / W3A3 / all-layers W4A4 for both teachers, new ranges, CLE/BC, recon, mixed precision
-    ["bench_lowbit.py", "--before", "bench/results/lowbit-before-validation.json"],
+    ["bench_lowbit.py"],
     # issue 11: how the guard should pool its two validation sources (held-out quarter, BN probe), per teacher
     ["bench_guard.py", "--teachers", "fmnist_resnet14", "--name", "guard-r"],
     ["bench_guard.py", "--teachers", "fmnist_mobilenetv2", "--name", "guard-m"],
-    # issue 11: reconstruction cost per step against its floor, accuracy vs iterations, qdrop vs genie
-    ["bench_recon.py"],
+    # issue 11: reconstruction accuracy vs iterations at the default and the papers' rounding rate; cost per step
+    ["bench_recon.py", "--modes", "genie", "--eval-images", "10000", "--no-speed"],
+    ["bench_recon.py", "--no-acc", "--name", "recon-speed"],
+    # issue 11: the rounding rate on harder settings and on weak (50-step) and full (1000-step) synthetic shards
+    ["bench_recon.py", "--teachers", "fmnist_mobilenetv2", "--bits", "3", "3", "--sources", "real", "bns@50",
+     "inception@50", "deepinversion@50", "bns@1000", "deepinversion@1000", "--iters", "100", "--modes", "genie",
+     "--eval-images", "10000", "--no-speed", "--name", "recon-lr-w3"],
+    ["bench_recon.py", "--teachers", "fmnist_mobilenetv2", "--bits", "4", "4", "--keep-8bit", "none", "--sources",
+     "real", "bns@1000", "deepinversion@1000", "--iters", "100", "--modes", "genie", "--eval-images", "10000",
+     "--no-speed", "--name", "recon-lr-all"],
+    ["bench_recon.py", "--teachers", "fmnist_mobilenetv2", "--bits", "4", "4", "--sources", "real", "bns@1000",
+     "deepinversion@1000", "--iters", "100", "--modes", "genie", "--eval-images", "10000", "--no-speed", "--name",
+     "recon-lr-w4"],
+    ["bench_recon.py", "--teachers", "fmnist_resnet14", "--bits", "2", "4", "--sources", "real", "gaussian",
+     "bns@50", "deepinversion@50", "--iters", "100", "--modes", "genie", "--eval-images", "10000", "--no-speed",
+     "--name", "recon-lr-w2"],
     # issue 13: packed student sizes, ONNX QDQ latency and top-1 in ONNX Runtime
     ["bench_export.py"],
     # issue 12: TAKD chains, Active Mixup with a black-box teacher, no-skip students (about 20 min)
