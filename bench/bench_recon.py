@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_lowbit import SHARD_METHODS  # noqa: E402  (the synthesis settings of the low-bit grid's shards)
 from common import CACHE, RESULTS, markdown_table, write_result  # noqa: E402
 
 from zeroshot_kd import load_teacher, synthesize  # noqa: E402
@@ -60,9 +61,6 @@ VERSION = 2  # bump to invalidate cached cells
 SPEED_CODE = 2  # bump when the step loop changes (re-times the speed table only)
 
 
-SHARD_KW = {"inception": {}, "bns": {}, "deepinversion": {"bn_weight": 0.1}}  # as bench_lowbit.py
-
-
 def data_source(source: str, n: int, tname: str) -> str:
     """``real``, ``gaussian`` or ``METHOD@ITERS`` (n synthesized images of this teacher, cached in bench/cache)."""
     if source == "real":
@@ -73,7 +71,7 @@ def data_source(source: str, n: int, tname: str) -> str:
     out = CACHE / "recon" / f"{tname}-{method}-{n}-it{iters}"
     if not (out / "manifest.json").is_file():
         synthesize(out, teacher=tname, method=method, num_images=n, batch_size=64, device="cpu", seed=0,
-                   resume=out.exists(), progress=False, iterations=int(iters), **SHARD_KW[method])
+                   resume=out.exists(), progress=False, iterations=int(iters), **SHARD_METHODS[method])
     return f"shards:{out}"
 
 
