@@ -32,7 +32,8 @@ bits_type = int  # validated below, so a bad value gets zkd's one-line error
 _ORDER = ["w_method", "a_method", "equalize", "relu6", "equalize_criterion", "bias_correction",
           "bias_correction_mode", "absorb_bias", "mixed_precision", "size_budget", "lp_p", "candidates", "percentile",
           "act_images", "probe_images", "batch_size", "recon", "recon_iters", "recon_images", "recon_check",
-          "recon_drop", "recon_lambda", "recon_mode", "recon_lr", "finetune_steps", "lr", "scale_lr", "temperature"]
+          "recon_drop", "recon_lambda", "recon_mode", "recon_lr", "finetune_steps", "lr", "scale_lr", "temperature",
+          "finetune_check"]
 
 
 @click.command(help="Build a fake-quantized student (BN folded, per-channel weights, per-tensor activations), "
@@ -67,7 +68,7 @@ def command(bits: int, w_bits: int | None, a_bits: int | None, w_asym: bool, kee
     from zeroshot_kd.errors import ZkdError
     from zeroshot_kd.io import atomic_write_bytes, atomic_write_json
     from zeroshot_kd.quant.pipeline import calibrate_student
-    from zeroshot_kd.quant.report import render_markdown, rounding_rate_line
+    from zeroshot_kd.quant.report import finetune_check_line, render_markdown, rounding_rate_line
     from zeroshot_kd.quant.student import architecture_record, save_student
     from zeroshot_kd.runtime import resolve_device
 
@@ -125,6 +126,8 @@ def command(bits: int, w_bits: int | None, a_bits: int | None, w_asym: bool, kee
     if check:
         echo(f"reconstruction check: validation KL {check['ptq_kl']:.4f} (PTQ) -> {check['recon_kl']:.4f}: kept the "
              f"{'reconstructed' if check['kept'] == 'reconstruction' else 'PTQ'} student")
+    if result.report.get("finetune_check"):
+        echo(finetune_check_line(result.report["finetune_check"]))
     s = result.summary
     line = (f"W{config.w_bits}A{config.a_bits}: {s['agreement_label']} {s['heldout_agreement']:.2f}%, "
             f"KL {s['heldout_kl']:.4f}")

@@ -355,6 +355,31 @@ def test_naive_guard_candidate_is_min_max(monkeypatch):
     assert c1.aq.scale.item() == pytest.approx((hi - lo) / (c1.aq.qmax - c1.aq.qmin), rel=1e-6)
 
 
+def test_finetune_check_keeps_the_closer_student():
+    """Fine-tuning is kept only if it lowers the validation KL: with a learning rate that wrecks the student the
+    pipeline keeps the student from before fine-tuning, with a small one the fine-tuned student when it is closer;
+    either way the final student's KL on the validation images (computed here directly) is the kept one's."""
+    from zeroshot_kd.data import make_dataset
+    from zeroshot_kd.quant.validation import bn_probe
+
+    net = Chain().eval().requires_grad_(False)
+    teacher = Teacher(net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(net))
+    cpu = torch.device("cpu")
+    ds = make_dataset("gaussian:32", FASHION_MNIST_SPEC, num_images=32, seed=0)
+    vx = torch.cat([torch.stack([ds[i][0] for i in range(24, 32)]), bn_probe(teacher, 8, 0, cpu)])
+    seen = []
+    for lr in (10.0, 1e-3):
+        opts = CalibrationOptions(data="gaussian:32", num_images=32, holdout=0, candidates=5, recon=False,
+                                  finetune_steps=6, lr=lr, batch_size=8, probe_images=8, progress=False)
+        res = calibrate_student(teacher, QuantConfig(4, 4), opts, cpu)
+        fc = res.report["finetune_check"]
+        assert fc["kept"] == ("finetune" if fc["finetune_kl"] <= fc["before_kl"] else "before")
+        assert _kl_to(res.student, net, vx) == pytest.approx(min(fc["before_kl"], fc["finetune_kl"]), rel=1e-5,
+                                                             abs=1e-9)
+        seen.append(fc["kept"])
+    assert seen[0] == "before"  # lr 10 moves every weight and step size far off
+
+
 def test_bn_probe_matches_bn_statistics_and_is_seeded():
     """The probe is deterministic in the seed, differs across seeds, and is much closer to the teacher's BN
     statistics (BNS-KL, computed directly) than clipped Gaussian noise, where it starts; no BN layers: no probe."""
@@ -382,7 +407,7 @@ def test_bn_probe_matches_bn_statistics_and_is_seeded():
 def test_reconstruction_check_keeps_the_closer_student():
     """The check returns whichever of the PTQ / reconstructed students has the lower validation KL (computed here
     directly), and the pipeline's final student is the kept one."""
-    from zeroshot_kd.quant.pipeline import _check_reconstruction
+    from zeroshot_kd.quant.pipeline import _closer
     from zeroshot_kd.quant.validation import make_validation
 
     net = Chain().eval().requires_grad_(False)
@@ -395,10 +420,10 @@ def test_reconstruction_check_keeps_the_closer_student():
         bad.fc.weight.mul_(-1.0)
     x = torch.cat([held, _x(6, seed=4)])
     for ptq, recon, want in ((good, bad, "ptq"), (bad, good, "reconstruction")):
-        kept, info = _check_reconstruction(ptq, recon, val, cpu, "fp32")
-        assert info["kept"] == want and kept is (ptq if want == "ptq" else recon)
-        assert info["ptq_kl"] == pytest.approx(_kl_to(ptq, net, x), rel=1e-5, abs=1e-9)
-        assert info["recon_kl"] == pytest.approx(_kl_to(recon, net, x), rel=1e-5, abs=1e-9)
+        closer, kl_ptq, kl_recon = _closer(ptq, recon, val, cpu, "fp32")
+        assert closer is (want == "reconstruction")
+        assert kl_ptq == pytest.approx(_kl_to(ptq, net, x), rel=1e-5, abs=1e-9)
+        assert kl_recon == pytest.approx(_kl_to(recon, net, x), rel=1e-5, abs=1e-9)
 
     opts = CalibrationOptions(data="gaussian:32", num_images=32, holdout=0, candidates=5, recon=True,
                               recon_iters=4, probe_images=8, progress=False)

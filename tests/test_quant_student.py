@@ -133,11 +133,16 @@ def test_finetune_reduces_kd_loss_and_custom_loss(small_teacher):
     with torch.no_grad():
         t_logits = small_teacher.model(x)
         before = kd(res.student(x), t_logits)
+    w_steps = {n: l.wq.scale.detach().clone() for n, l in quant_layers(res.student)}
+    a_steps = {n: l.aq.scale.detach().clone() for n, l in quant_layers(res.student) if l.aq is not None}
     hist = finetune(res.student, small_teacher.model, TensorDataset(x, y), steps=30, lr=3e-3, batch_size=32,
                     log_every=10, progress=False)
     with torch.no_grad():
         after = kd(res.student(x), t_logits)
     assert after < before and len(hist) == 3 and hist[-1]["step"] == 30
+    # weight steps stay fixed (Adam's absolute steps would move small channels' grids far); activation steps learn
+    assert all(torch.equal(l.wq.scale, w_steps[n]) for n, l in quant_layers(res.student))
+    assert any(not torch.equal(l.aq.scale, a_steps[n]) for n, l in quant_layers(res.student) if l.aq is not None)
     assert not res.student.training and not any(p.requires_grad for p in res.student.parameters())
     # the documented default: T^2 * KL(p_t^T || p_s^T), batchmean
     s = torch.randn(4, 10, generator=torch.Generator().manual_seed(5))

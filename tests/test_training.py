@@ -162,7 +162,8 @@ def test_calibrate_fine_tuning_advances_the_objectives_epoch(small_net):
 
     teacher = Teacher(small_net.requires_grad_(False), FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(small_net))
     spy = EpochSpy()
-    opts = CalibrationOptions("gaussian:32", num_images=32, holdout=0, batch_size=16, candidates=5,
+    # 42 images: the guard holds out 10, fine-tuning runs on the 32 others = 2 batches of 16 per epoch
+    opts = CalibrationOptions("gaussian:42", num_images=42, holdout=0, batch_size=16, candidates=5,
                               finetune_steps=5, progress=False)
     res = calibrate_student(teacher, QuantConfig(8, 8), opts, torch.device("cpu"),
                             objectives=ObjectiveSet([spy, *build(["ifm"]).items]))

@@ -14,8 +14,9 @@ Steps:
    probe synthesized against the teacher's BN statistics). The other three quarters fit.
 4. Optional ``recon`` (block reconstruction with AdaRound + learned activation steps, QDrop; on by default at
    <= 4 bits) on the fitting images, kept only if it lowers the validation KL (``recon_check``); and/or
-   ``finetune_steps`` of KD fine-tuning (weights + step sizes, default ``T^2``-scaled KL at T = 4) through the
-   one training loop (:func:`zeroshot_kd.quant.finetune.finetune`).
+   ``finetune_steps`` of KD fine-tuning (weights + activation steps, default ``T^2``-scaled KL at T = 4) through the
+   one training loop (:func:`zeroshot_kd.quant.finetune.finetune`) on the fitting images, kept only if it lowers
+   the validation KL too (``finetune_check``).
 5. Report: per-layer table, teacher-student agreement/KL on held-out images (when ``--data`` has no images beyond
    the calibration set, on calibration images, and then labelled "calibration-set agreement (no held-out
    images)"), optional real-data accuracy, timing.
@@ -117,6 +118,8 @@ class CalibrationOptions(Config):
     recon_check: bool = option(True, "Keep the reconstructed student only if its logit KL to the teacher on the "
                                "validation images (held-out quarter + BN probe) is below the PTQ student's; else keep "
                                "the PTQ student.", kind="bool")
+    finetune_check: bool = option(True, "Keep the fine-tuned student only if its logit KL to the teacher on the "
+                                  "validation images is below the student's before fine-tuning.", kind="bool")
     probe_images: int = option(64, "Validation images synthesized from the teacher's BN statistics (BNS-KL, 50 "
                                "steps), pooled with the held-out quarter of the calibration images to score the "
                                "guard's candidates and the reconstruction check (0 = held-out images only).", min=0)
@@ -146,10 +149,11 @@ class CalibrationOptions(Config):
                                    "--size-budget.")
     size_budget: str | None = option(None, "Weight size budget for --mixed-precision, e.g. 2.5MB or 0.125x of FP32 "
                                      "[default: the size of the uniform --bits student].", metavar="MB|RATIO")
-    finetune_steps: int = option(0, "KD fine-tuning steps of weights and step sizes (0 = off).", min=0)
+    finetune_steps: int = option(0, "KD fine-tuning steps of weights and activation step sizes (0 = off).", min=0)
     lr: float = option(1e-5, "Fine-tuning Adam learning rate of weights/biases (cosine decay).", min=0,
                        min_open=True)
-    scale_lr: float | None = option(None, "Fine-tuning learning rate of the step sizes [default: --lr].",
+    scale_lr: float | None = option(None, "Fine-tuning learning rate of the activation step sizes [default: --lr]; "
+                                    "weight step sizes stay fixed.",
                                     kind="float", min=0, min_open=True)
     temperature: float = option(DEFAULT_TEMPERATURE, "KD temperature T of the fine-tuning loss "
                                 "T^2 * KL(p_t^T || p_s^T).", min=0, min_open=True)
@@ -237,7 +241,8 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
     # The guard and the reconstruction check judge on images that fit nothing: the last quarter plus the BN probe.
     validation: Validation | None = None
     fit_x = cal_x
-    if opts.a_method == "auto" or (do_recon and opts.recon_check):
+    do_finetune = opts.finetune_steps > 0
+    if opts.a_method == "auto" or (do_recon and opts.recon_check) or (do_finetune and opts.finetune_check):
         n_held = guard_split(n_cal)
         fit_x, held_x = (cal_x[: n_cal - n_held], cal_x[n_cal - n_held:]) if n_held else (cal_x, cal_x)
         probe = bn_probe(teacher, opts.probe_images, opts.seed, device)
@@ -283,15 +288,25 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
         recon_hist = reconstruct(student, fp_model, _batches(recon_x, 128), device, rcfg, seed=opts.seed,
                                  progress=opts.progress)
         if checked is not None and ptq_student is not None:
-            student, recon_check = _check_reconstruction(ptq_student, student, checked, device, opts.precision)
+            kept, kl_ptq, kl_recon = _closer(ptq_student, student, checked, device, opts.precision)
+            student = student if kept else ptq_student
+            recon_check = {"ptq_kl": kl_ptq, "recon_kl": kl_recon, "kept": "reconstruction" if kept else "ptq"}
         timing["reconstruction"] = time.perf_counter() - t
 
     ft_hist: list[dict] = []
-    if opts.finetune_steps > 0:
+    ft_check: dict[str, Any] | None = None
+    if do_finetune:
         t = time.perf_counter()
-        ft_hist = finetune(student, teacher.model, TensorDataset(cal_x, cal_y), opts.finetune_steps, objset,
-                           lr=opts.lr, scale_lr=opts.scale_lr, batch_size=opts.batch_size, seed=opts.seed,
-                           device=device, precision=opts.precision, spec=teacher.spec, progress=opts.progress)
+        checked = validation if opts.finetune_check else None
+        before = copy.deepcopy(student) if checked is not None else None
+        ft_hist = finetune(student, teacher.model, TensorDataset(fit_x, cal_y[: fit_x.shape[0]]),
+                           opts.finetune_steps, objset, lr=opts.lr, scale_lr=opts.scale_lr, batch_size=opts.batch_size,
+                           seed=opts.seed, device=device, precision=opts.precision, spec=teacher.spec,
+                           progress=opts.progress)
+        if checked is not None and before is not None:
+            kept, kl_before, kl_after = _closer(before, student, checked, device, opts.precision)
+            student = student if kept else before
+            ft_check = {"before_kl": kl_before, "finetune_kl": kl_after, "kept": "finetune" if kept else "before"}
         timing["finetune"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -339,6 +354,7 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
         "bias_correction": bias_shift,
         "mixed_precision": mixed.to_dict() if mixed is not None else None,
         "finetune": ft_hist,
+        "finetune_check": ft_check,
         "timing": timing,
     }
     summary = {"convention": config.convention(), "w_bits": config.w_bits, "a_bits": config.a_bits,
@@ -416,15 +432,14 @@ def calibration_fit(teacher: Any, images: torch.Tensor, device: torch.device) ->
     return {"score": score, "verdict": verdict(score)}
 
 
-def _check_reconstruction(ptq: nn.Module, recon: nn.Module, validation: Validation, device: torch.device,
-                          precision: str) -> tuple[nn.Module, dict[str, Any]]:
-    """The reconstructed student if it is closer to the teacher on the validation images than the PTQ one, else the
-    PTQ student. Why: reconstruction fits the calibration images, and on noise or weak synthetic sets it fell 0.1-5.5
-    points below PTQ in 11 of 35 bench cells (``bench/results/lowbit-before-validation.md``)."""
-    kl_ptq, kl_recon = validation.score(ptq, device, precision), validation.score(recon, device, precision)
-    kept = kl_recon <= kl_ptq
-    return (recon if kept else ptq), {"ptq_kl": kl_ptq, "recon_kl": kl_recon,
-                                      "kept": "reconstruction" if kept else "ptq"}
+def _closer(before: nn.Module, after: nn.Module, validation: Validation, device: torch.device,
+            precision: str) -> tuple[bool, float, float]:
+    """Whether ``after`` (a reconstructed or fine-tuned student) is at least as close to the teacher on the
+    validation images as ``before``, and both KLs. Why: reconstruction and fine-tuning fit the calibration images;
+    on noise or weak synthetic sets reconstruction fell 0.1-5.5 points below PTQ in 11 of 35 bench cells
+    (``bench/results/lowbit-before-validation.md``), and fine-tuning can overfit the same way."""
+    kl_before, kl_after = validation.score(before, device, precision), validation.score(after, device, precision)
+    return kl_after <= kl_before, kl_before, kl_after
 
 
 def _guarded_ptq(teacher: Any, config: QuantConfig, opts: CalibrationOptions, fit_x: torch.Tensor,

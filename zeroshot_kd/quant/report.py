@@ -23,7 +23,8 @@ from ..similarity import VERDICTS
 from .fakequant import sqnr_db
 from .modules import quant_layers
 
-__all__ = ["CALIBRATION_SET_AGREEMENT", "global_metrics", "layer_report", "render_markdown", "rounding_rate_line"]
+__all__ = ["CALIBRATION_SET_AGREEMENT", "finetune_check_line", "global_metrics", "layer_report", "render_markdown",
+           "rounding_rate_line"]
 
 # What the agreement is called when --data had no images beyond the calibration set (so none were held out).
 CALIBRATION_SET_AGREEMENT = "calibration-set agreement (no held-out images)"
@@ -223,6 +224,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Fine-tuning", "", "| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for r in report["finetune"]:
             lines.append(f"| {r['step']} | " + " | ".join(_fmt(r[k], 5) for k in keys) + " |")
+        if report.get("finetune_check"):
+            lines += ["", finetune_check_line(report["finetune_check"]) + "."]
     if report.get("mixed_precision"):
         mp = report["mixed_precision"]
         lines += ["", "## Mixed precision (weight bits per layer: see the per-layer table)", "",
@@ -234,3 +237,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     for k, v in report["timing"].items():
         lines.append(f"| {k} | {_fmt(v)} |")
     return "\n".join(lines) + "\n"
+
+
+def finetune_check_line(check: dict[str, Any]) -> str:
+    """``Fine-tuning check: validation KL a -> b: kept the fine-tuned student`` (report.md and the CLI)."""
+    which = "fine-tuned" if check["kept"] == "finetune" else "unfine-tuned"
+    return (f"Fine-tuning check: validation KL {_fmt(check['before_kl'], 5)} before, {_fmt(check['finetune_kl'], 5)} "
+            f"after: kept the {which} student")
