@@ -37,6 +37,8 @@ ORDER = [
     ["bench_recon.py", "--teachers", "fmnist_resnet14", "--bits", "2", "4", "--sources", "real", "gaussian",
      "bns@50", "deepinversion@50", "--iters", "100", "--modes", "genie", "--eval-images", "10000", "--no-speed",
      "--name", "recon-lr-w2"],
+    # issue 11's targets at zkd calibrate's defaults (+ 1000 steps/block, + KD fine-tuning), 10000 test images
+    ["bench_targets.py"],
     # issue 13: packed student sizes, ONNX QDQ latency and top-1 in ONNX Runtime
     ["bench_export.py"],
     # issue 12: TAKD chains, Active Mixup with a black-box teacher, no-skip students (about 20 min)

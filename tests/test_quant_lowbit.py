@@ -360,6 +360,7 @@ def test_finetune_check_keeps_the_closer_student():
     pipeline keeps the student from before fine-tuning, with a small one the fine-tuned student when it is closer;
     either way the final student's KL on the validation images (computed here directly) is the kept one's."""
     from zeroshot_kd.data import make_dataset
+    from zeroshot_kd.quant.report import finetune_check_line
     from zeroshot_kd.quant.validation import bn_probe
 
     net = Chain().eval().requires_grad_(False)
@@ -377,6 +378,8 @@ def test_finetune_check_keeps_the_closer_student():
         assert _kl_to(res.student, net, vx) == pytest.approx(min(fc["before_kl"], fc["finetune_kl"]), rel=1e-5,
                                                              abs=1e-9)
         seen.append(fc["kept"])
+        assert finetune_check_line(fc).endswith("from before fine-tuning" if fc["kept"] == "before"
+                                                else "the fine-tuned student")
     assert seen[0] == "before"  # lr 10 moves every weight and step size far off
 
 

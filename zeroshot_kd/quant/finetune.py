@@ -11,8 +11,9 @@ This module is the quantization *recipe*; the loop is :func:`zeroshot_kd.trainin
   moves every parameter by about ``lr`` per step whatever its size, and per-channel weight steps of small channels
   are 1e-3 or less, so learning them moves those channels' grids by a large fraction. Measured after the default
   reconstruction, 1024 real images, 500 steps at lr 1e-5, top-1 on 10000 test images: fmnist_resnet14 W3A3 92.27
-  -> 90.08 with learned weight steps, -> 92.49 with fixed ones (``bench/results/targets.md``). LSQ learns them
-  with SGD, whose gradient scaling keeps the update relative; the weights themselves still learn here;
+  -> 90.08 with learned weight steps, -> 92.49 with fixed ones (one run each, all 1024 images fitting; stop 21's
+  closing note). LSQ learns them with SGD, whose gradient scaling keeps the update relative; the weights
+  themselves still learn here;
 * the objectives' own parameters (OFD/FSP connectors) are in the same optimizer at ``objective_lr``;
 * each pass over the calibration images is an epoch (a fresh order from ``batch_generator(seed, epoch,
   "finetune")``, incomplete batches dropped), so epoch schedules (IFM's critical period) advance;

@@ -240,7 +240,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def finetune_check_line(check: dict[str, Any]) -> str:
-    """``Fine-tuning check: validation KL a -> b: kept the fine-tuned student`` (report.md and the CLI)."""
-    which = "fine-tuned" if check["kept"] == "finetune" else "unfine-tuned"
+    """``Fine-tuning check: validation KL a before, b after: kept ...`` (report.md and the CLI)."""
+    which = "the fine-tuned student" if check["kept"] == "finetune" else "the student from before fine-tuning"
     return (f"Fine-tuning check: validation KL {_fmt(check['before_kl'], 5)} before, {_fmt(check['finetune_kl'], 5)} "
-            f"after: kept the {which} student")
+            f"after: kept {which}")
