@@ -5,7 +5,8 @@ with 1000 steps/block, then with KD fine-tuning after the default reconstruction
 Rows: the target cases (``--cases``); columns: calibration data (``real`` = Fashion-MNIST train, ``METHOD@ITERS`` =
 1024 images synthesized from the teacher at that many steps, cached in ``bench/cache/recon``) x settings. Each
 cell: top-1 on the 10000 real Fashion-MNIST test images and the calibration's CPU seconds (one thread; evaluation
-excluded). Every cell is cached in ``bench/cache/targets``; the table is rewritten after each cell.
+excluded). Every cell is cached in ``bench/cache/recon`` (the recon bench's cell cache); the table is
+rewritten after each cell.
 
 Usage::
 
@@ -17,8 +18,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import platform
 import sys
 import time
@@ -29,13 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import bench_recon  # noqa: E402  (its cell cache, bench/cache/recon)
 from bench_recon import data_source  # noqa: E402  (shards cached once, shared with the recon bench)
-from common import CACHE, markdown_table, write_json, write_result  # noqa: E402
+from common import markdown_table, write_json, write_result  # noqa: E402
 
 from zeroshot_kd import load_teacher  # noqa: E402
 from zeroshot_kd.data import make_dataset  # noqa: E402
 from zeroshot_kd.evaluate import evaluate_model  # noqa: E402
-from zeroshot_kd.io import atomic_write_json  # noqa: E402
 from zeroshot_kd.quant.modules import QuantConfig  # noqa: E402
 from zeroshot_kd.quant.pipeline import CalibrationOptions, calibrate_student  # noqa: E402
 
@@ -57,33 +56,29 @@ IMAGES = 1024
 EVAL_IMAGES = 10000
 CPU = torch.device("cpu")
 VERSION = 1  # bump to invalidate cached cells
-CELLS = CACHE / "targets"
 
 
 def run_cell(case: str, source: str, setting: str, cached_only: bool) -> dict | None:
     tname, _, w, a, keep, _ = CASES[case]
     key_d = {"v": VERSION, "case": case, "source": source, "setting": setting, "images": IMAGES,
              "eval": EVAL_IMAGES, "opts": SETTINGS[setting]}
-    path = CELLS / f"{hashlib.sha256(json.dumps(key_d, sort_keys=True).encode()).hexdigest()[:16]}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    if cached_only:
-        return None
-    teacher = load_teacher(tname, device="cpu")
-    data = data_source(source, IMAGES, tname)
-    opts = CalibrationOptions(data=data, num_images=IMAGES, progress=False, **SETTINGS[setting])
-    t0 = time.perf_counter()
-    res = calibrate_student(teacher, QuantConfig(w, a, keep_8bit=keep), opts, CPU)
-    seconds = time.perf_counter() - t0
-    test = make_dataset("fashion-mnist:test", teacher.spec, num_images=EVAL_IMAGES, seed=0)
-    ev = evaluate_model(res.student, test, CPU, teacher=teacher.model, progress=False)
-    fp = evaluate_model(teacher.model, test, CPU, progress=False)
-    out = {**key_d, "top1": ev["top1"], "fp32": fp["top1"], "seconds": seconds,
-           "recon_kept": (res.report.get("recon_check") or {}).get("kept"),
-           "finetune_kept": (res.report.get("finetune_check") or {}).get("kept")}
-    CELLS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, out)
-    return out
+
+    def measure() -> dict:
+        teacher = load_teacher(tname, device="cpu")
+        opts = CalibrationOptions(data=data_source(source, IMAGES, tname), num_images=IMAGES, progress=False,
+                                  **SETTINGS[setting])
+        t0 = time.perf_counter()
+        res = calibrate_student(teacher, QuantConfig(w, a, keep_8bit=keep), opts, CPU)
+        seconds = time.perf_counter() - t0
+        test = make_dataset("fashion-mnist:test", teacher.spec, num_images=EVAL_IMAGES, seed=0)
+        ev = evaluate_model(res.student, test, CPU, teacher=teacher.model, progress=False)
+        fp = evaluate_model(teacher.model, test, CPU, progress=False)
+        return {"top1": ev["top1"], "fp32": fp["top1"], "seconds": seconds,
+                "recon_kept": (res.report.get("recon_check") or {}).get("kept"),
+                "finetune_kept": (res.report.get("finetune_check") or {}).get("kept")}
+
+    bench_recon.CACHED_ONLY = cached_only
+    return bench_recon.cell(key_d, measure)
 
 
 def render(cells: dict[tuple[str, str, str], dict], args: argparse.Namespace) -> None:
