@@ -297,14 +297,13 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
     ft_check: dict[str, Any] | None = None
     if do_finetune:
         t = time.perf_counter()
-        checked = validation if opts.finetune_check else None
-        before = copy.deepcopy(student) if checked is not None else None
+        before = copy.deepcopy(student) if opts.finetune_check and validation is not None else None
         ft_hist = finetune(student, teacher.model, TensorDataset(fit_x, cal_y[: fit_x.shape[0]]),
                            opts.finetune_steps, objset, lr=opts.lr, scale_lr=opts.scale_lr, batch_size=opts.batch_size,
                            seed=opts.seed, device=device, precision=opts.precision, spec=teacher.spec,
                            progress=opts.progress)
-        if checked is not None and before is not None:
-            kept, kl_before, kl_after = _closer(before, student, checked, device, opts.precision)
+        if before is not None:  # set only when checked
+            kept, kl_before, kl_after = _closer(before, student, validation, device, opts.precision)
             student = student if kept else before
             ft_check = {"before_kl": kl_before, "finetune_kl": kl_after, "kept": "finetune" if kept else "before"}
         timing["finetune"] = time.perf_counter() - t
