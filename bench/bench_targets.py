@@ -49,8 +49,10 @@ CASES = {
 SETTINGS: dict[str, dict[str, Any]] = {
     "default": {},
     "recon 1000": {"recon_iters": 1000},
-    "+ KD 2000": {"finetune_steps": 2000, "lr": 1e-4},
+    "+ KD 2000, no mixup": {"finetune_steps": 2000, "lr": 1e-4, "finetune_mixup": False},
+    "+ KD 4000 @3e-4, no mixup": {"finetune_steps": 4000, "lr": 3e-4, "finetune_mixup": False},
     "+ KD 4000 @3e-4": {"finetune_steps": 4000, "lr": 3e-4},
+    "recon 1000 + KD 4000 @3e-4": {"recon_iters": 1000, "finetune_steps": 4000, "lr": 3e-4},
 }
 IMAGES = 1024
 EVAL_IMAGES = 10000
@@ -87,9 +89,11 @@ def render(cells: dict[tuple[str, str, str], dict], args: argparse.Namespace) ->
              f"{torch.get_num_threads()} thread(s)). `zkd calibrate` from Python with its defaults: {IMAGES} "
              "calibration images (a quarter held out for the guard and the checks), the range guard, GENIE-M "
              "reconstruction at 100 steps/block kept only if it lowers the validation KL. `recon 1000` = "
-             "`--recon-iters 1000`; `+ KD 2000` = the default, then `--finetune-steps 2000 --lr 1e-4`; "
-             "`+ KD 4000 @3e-4` = the default, then `--finetune-steps 4000 --lr 3e-4` (fine-tuning kept only if it "
-             f"lowers the validation KL). Top-1 % on {EVAL_IMAGES} real Fashion-MNIST test images (seconds of the "
+             "`--recon-iters 1000`; `+ KD 2000, no mixup` = the default, then `--finetune-steps 2000 --lr 1e-4 "
+             "--no-finetune-mixup`; `+ KD 4000 @3e-4` = the default, then `--finetune-steps 4000 --lr 3e-4` "
+             "(with the default batch mixup, or `--no-finetune-mixup`); `recon 1000 + KD 4000 @3e-4` = both "
+             "(fine-tuning is kept only if it lowers the validation KL). Top-1 % on "
+             f"{EVAL_IMAGES} real Fashion-MNIST test images (seconds of the "
              "calibration, one CPU thread, shared machine). `real` = Fashion-MNIST train; `deepinversion@1000` = "
              f"{IMAGES} images synthesized from the teacher alone at 1000 steps (data-free). `-` = not run.", ""]
     header = ["case", "FP32", "target", "data"] + list(SETTINGS) + ["best", "met"]

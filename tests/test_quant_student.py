@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import spy_rand
+from zeroshot_kd.augment import mixup_batch
 from zeroshot_kd.data import FASHION_MNIST_SPEC, make_dataset
 from zeroshot_kd.errors import ZkdError
 from zeroshot_kd.objectives import Objective, ObjectiveSet, build
@@ -21,7 +22,9 @@ from zeroshot_kd.quant.recon import PAPER_ITERS, PAPER_LR_ROUND, ReconConfig, fi
 from zeroshot_kd.quant.report import rounding_rate_line
 from zeroshot_kd.similarity import VERDICT_FAR
 from zeroshot_kd.quant.student import FORMAT_VERSION, load_student, read_student_file, save_student
+from zeroshot_kd.runtime import batch_generator
 from zeroshot_kd.teachers import Teacher, state_sha256
+from zeroshot_kd.training import shuffled_batches
 
 ARCH = {"builder": "zeroshot_kd.models:cifar_resnet", "kwargs": {"depth": 8, "width": 4}}
 
@@ -150,18 +153,32 @@ def test_finetune_reduces_kd_loss_and_custom_loss(small_teacher):
     pt, ps = torch.softmax(t / 4, 1), torch.softmax(s / 4, 1)
     expected = 16 * (pt * (pt.log() - ps.log())).sum(1).mean()
     assert kd(s, t) == pytest.approx(expected.item(), rel=1e-5)
-    calls = []
+    seen = []
 
     class MSE(Objective):
         name = "mse"
 
         def forward(self, batch):
-            calls.append(batch.inputs.shape[0])
+            seen.append((batch.inputs.detach().clone(), batch.labels.clone(), batch.teacher_logits.detach().clone()))
             return (batch.student_logits - batch.teacher_logits).pow(2).mean()
 
     hist = finetune(copy.deepcopy(res.student), small_teacher.model, TensorDataset(x, y), steps=2,
-                    objectives=ObjectiveSet([MSE()]), batch_size=32, progress=False)
-    assert calls == [32, 32] and "mse" in hist[-1]
+                    objectives=ObjectiveSet([MSE()]), batch_size=32, seed=5, progress=False)
+    assert [b[0].shape[0] for b in seen] == [32, 32] and "mse" in hist[-1]
+    # mixup (the default): step t sees the epoch's order mixed by batch_generator(seed, t, "finetune-mixup"), and
+    # the teacher answers on the mixed images; mixed images' labels become unknown
+    for step, (inputs, labels, t_logits) in enumerate(seen):
+        order = shuffled_batches(32, 32, batch_generator(5, step, "finetune"), drop_last=True)[0]
+        mixed, mixed_y = mixup_batch(x[order], y[order], batch_generator(5, step, "finetune-mixup"))
+        torch.testing.assert_close(inputs, mixed, rtol=0, atol=0)
+        assert torch.equal(labels, mixed_y) and (labels == -1).sum() >= 30
+        with torch.no_grad():
+            torch.testing.assert_close(t_logits, small_teacher.model(mixed))
+    seen.clear()
+    finetune(copy.deepcopy(res.student), small_teacher.model, TensorDataset(x, y), steps=1,
+             objectives=ObjectiveSet([MSE()]), batch_size=32, seed=5, mixup=False, progress=False)
+    order = shuffled_batches(32, 32, batch_generator(5, 0, "finetune"), drop_last=True)[0]
+    assert torch.equal(seen[0][0], x[order]) and torch.equal(seen[0][1], y[order])
 
 
 def test_reconstruction_draws_qdrop_masks_on_its_device_and_is_deterministic(small_teacher, monkeypatch):

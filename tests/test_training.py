@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from cli.main import cli
+from zeroshot_kd.augment import mixup_batch
 from zeroshot_kd.errors import ZkdError
 from zeroshot_kd.objectives import Objective, ObjectiveSet, build
 from zeroshot_kd.training import (CHECKPOINT_FORMAT, TrainConfig, read_checkpoint, shard_batch, shuffled_batches,
@@ -64,6 +65,30 @@ def test_shuffled_batches_drop_rules():
         torch.randperm(9, generator=torch.Generator().manual_seed(0)).tolist()[i:i + 4] for i in (0, 4, 8)]
         if len(b) >= 2]
     assert len(shuffled_batches(3, 8, torch.Generator().manual_seed(0), drop_last=True)[0]) == 3
+
+
+def test_mixup_batch_is_the_convex_mix_with_a_permutation():
+    x = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1).expand(6, 1, 2, 3).clone()
+    y = torch.tensor([0, 1, 2, 3, -1, 5])
+    for seed in range(20):
+        out, out_y = mixup_batch(x, y, torch.Generator().manual_seed(seed))
+        g = torch.Generator().manual_seed(seed)   # the documented draws: a permutation, then one lam per image
+        perm, lam = torch.randperm(6, generator=g), torch.rand(6, generator=g)
+        for i in range(6):
+            j = int(perm[i])
+            value = float(i) if j == i else float(lam[i]) * i + (1 - float(lam[i])) * j
+            assert torch.allclose(out[i], torch.full((1, 2, 3), value), atol=1e-6)
+            assert int(out_y[i]) == (int(y[i]) if j == i else -1)
+    assert torch.equal(mixup_batch(x, y, torch.Generator().manual_seed(3))[0],
+                       mixup_batch(x, y, torch.Generator().manual_seed(3))[0])
+
+
+def test_mixup_refuses_cskd_pairs():
+    student, teacher = _linear_pair()
+    data = TensorDataset(torch.randn(8, 1, 3, 4), torch.zeros(8, dtype=torch.long))
+    cfg = TrainConfig(steps=1, batch_size=4, mixup=True)
+    with pytest.raises(ZkdError, match="mixup does not combine"):
+        train_student(student, teacher, data, ["kd"], cfg, pairs=True, progress=False)
 
 
 def test_config_validates_and_round_trips():

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .augment import mixup_batch
 from .config import Config, option, require
 from .errors import ZkdError
 from .evaluate import evaluate_model
@@ -77,6 +78,8 @@ class TrainConfig(Config):
             dropout is off), as fake-quantized fine-tuning does.
         sync_bn: under torchrun on CUDA, train BN with global-batch statistics (SyncBatchNorm).
         objective_lr: learning rate of the objective-owned parameters (connectors, peers); None: ``lr``.
+        mixup: mix every batch with a permutation of itself before the teacher and the student see it
+            (:func:`zeroshot_kd.augment.mixup_batch`, drawn from ``(seed, step)``); not with CS-KD's pairs.
     """
 
     config_name: ClassVar[str] = "training"
@@ -99,6 +102,8 @@ class TrainConfig(Config):
                              "process.")
     sync_bn: bool = True
     objective_lr: float | None = None
+    mixup: bool = option(False, "Mix each batch with a permutation of itself (x' = lam x + (1 - lam) x[perm], lam ~ "
+                         "U(0,1) per image; the teacher answers on x'). Regularizes KD on a few or synthetic images.")
 
     def __post_init__(self) -> None:
         require([(self.epochs >= 1, "--epochs must be >= 1"),
@@ -302,6 +307,8 @@ def train_student(
     if batches is None:
         def batches(epoch: int) -> list[list[int]]:
             return shuffled_batches(len(data), cfg.batch_size, batch_generator(cfg.seed, epoch, f"{tag}-order"))
+    if pairs and cfg.mixup:
+        raise ZkdError("--mixup does not combine with CS-KD's image pairs; drop one of them")
     first = batches(0)
     if not first:
         raise ZkdError(f"{len(data)} items make no training batch of batch size {cfg.batch_size}; give more data")
@@ -406,6 +413,8 @@ def train_student(
                     if step >= total_steps:
                         break
                     x, y = x.to(device, non_blocking=True), torch.as_tensor(y).long().to(device)
+                    if cfg.mixup:
+                        x, y = mixup_batch(x, y, batch_generator(cfg.seed, step, f"{tag}-mixup"))
                     b_global = len(gb) // 2 if pairs else len(gb)
                     pair_logits = None
                     if pairs:

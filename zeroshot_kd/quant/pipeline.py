@@ -120,6 +120,9 @@ class CalibrationOptions(Config):
                                "the PTQ student.", kind="bool")
     finetune_check: bool = option(True, "Keep the fine-tuned student only if its logit KL to the teacher on the "
                                   "validation images is below the student's before fine-tuning.", kind="bool")
+    finetune_mixup: bool = option(True, "Mix each fine-tuning batch with a permutation of itself (lam ~ U(0,1) per "
+                                  "image; the teacher answers on the mixed images): keeps fine-tuning on a few or "
+                                  "synthetic images from fitting their artifacts.", kind="bool")
     probe_images: int = option(64, "Validation images synthesized from the teacher's BN statistics (BNS-KL, 50 "
                                "steps), pooled with the held-out quarter of the calibration images to score the "
                                "guard's candidates and the reconstruction check (0 = held-out images only).", min=0)
@@ -301,7 +304,7 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
         ft_hist = finetune(student, teacher.model, TensorDataset(fit_x, cal_y[: fit_x.shape[0]]),
                            opts.finetune_steps, objset, lr=opts.lr, scale_lr=opts.scale_lr, batch_size=opts.batch_size,
                            seed=opts.seed, device=device, precision=opts.precision, spec=teacher.spec,
-                           progress=opts.progress)
+                           mixup=opts.finetune_mixup, progress=opts.progress)
         if before is not None:  # set only when checked
             kept, kl_before, kl_after = _closer(before, student, validation, device, opts.precision)
             student = student if kept else before
