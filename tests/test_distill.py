@@ -104,11 +104,12 @@ def test_distill_on_the_shipped_teacher_lowers_the_objective_and_raises_agreemen
 @needs_teacher
 def test_distill_same_seed_same_bytes(tmp_path):
     args = ("--num-images", "64", "--objective", "kd", "--objective", "ofd", "--objective", "bss:steps=2",
-            "--epochs", "1", "--batch-size", "16")
-    _distill(tmp_path / "a.pt", *args)
+            "--epochs", "1", "--batch-size", "16", "--mixup")
+    summary = _distill(tmp_path / "a.pt", *args)
     _distill(tmp_path / "b.pt", *args)
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    assert summary["config"]["mixup"] is True and json.loads((tmp_path / "a.json").read_text())["config"]["mixup"]
 
 
 @needs_teacher

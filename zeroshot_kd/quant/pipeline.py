@@ -153,7 +153,7 @@ class CalibrationOptions(Config):
     size_budget: str | None = option(None, "Weight size budget for --mixed-precision, e.g. 2.5MB or 0.125x of FP32 "
                                      "[default: the size of the uniform --bits student].", metavar="MB|RATIO")
     finetune_steps: int = option(0, "KD fine-tuning steps of weights and activation step sizes (0 = off).", min=0)
-    lr: float = option(1e-5, "Fine-tuning Adam learning rate of weights/biases (cosine decay).", min=0,
+    lr: float = option(3e-4, "Fine-tuning Adam learning rate of weights/biases (cosine decay).", min=0,
                        min_open=True)
     scale_lr: float | None = option(None, "Fine-tuning learning rate of the activation step sizes [default: --lr]; "
                                     "weight step sizes stay fixed.",
