@@ -125,7 +125,7 @@ def render(cells: dict[tuple[str, str, str], dict], seeded: dict[tuple[str, str,
             for source in args.sources:
                 got = [seeded.get((case, source, k)) for k in args.seeds]
                 vals = [c["top1"] for c in got if c]
-                if not vals:
+                if len(vals) < 2:  # a spread needs two seeds
                     continue
                 mean = sum(vals) / len(vals)
                 srows.append([label, f"{target:.2f}", source] + ["-" if c is None else f"{c['top1']:.2f}" for c in got]
