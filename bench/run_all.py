@@ -38,7 +38,7 @@ ORDER = [
      "bns@50", "deepinversion@50", "--iters", "100", "--modes", "genie", "--eval-images", "10000", "--no-speed",
      "--name", "recon-lr-w2"],
     # issue 11's targets at zkd calibrate's defaults (+ 1000 steps/block, + KD fine-tuning), 10000 test images
-    ["bench_targets.py"],
+    ["bench_targets.py", "--seeds", "0", "1", "2"],
     # issue 13: packed student sizes, ONNX QDQ latency and top-1 in ONNX Runtime
     ["bench_export.py"],
     # issue 12: TAKD chains, Active Mixup with a black-box teacher, no-skip students (about 20 min)
