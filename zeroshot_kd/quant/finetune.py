@@ -5,9 +5,8 @@ This module is the quantization *recipe*; the loop is :func:`zeroshot_kd.trainin
 * the student runs in **eval mode** throughout (``freeze_bn``): with folded BN there are no running statistics to
   drift, and if folding is disabled BN keeps its running statistics (required on synthetic or Gaussian data);
 * Adam (no weight decay, lr 3e-4 by default: the measured recipe with 4000 steps, see below) with a cosine decay
-  to 0 over ``steps``; the activation step sizes are a param group with
-  their own lr (``scale_lr``, default ``lr``) and are clamped to >= 1e-8 after each step; zero points stay fixed
-  integers;
+  to 0 over ``steps``; the activation step sizes are a param group with their own lr (``scale_lr``, default
+  ``lr``) and are clamped to >= 1e-8 after each step; zero points stay fixed integers;
 * the **weight step sizes stay fixed** (set by the range search or learned by GENIE-M reconstruction). Why: Adam
   moves every parameter by about ``lr`` per step whatever its size, and per-channel weight steps of small channels
   are 1e-3 or less, so learning them moves those channels' grids by a large fraction. Measured after the default
