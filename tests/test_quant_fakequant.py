@@ -105,6 +105,20 @@ def test_qparams_represent_zero_exactly():
         assert ((torch.clamp(torch.round(torch.zeros(1) / s) + z, 0, 15) - z) * s).item() == 0.0
 
 
+def test_asymmetric_3bit_grid_misses_both_ends_of_a_zero_centred_channel():
+    # docs/quantization.md (--w-asym): [0, 7] with 0.0 exact on [-1, 1] has step 2/7, so its levels are multiples of
+    # 2/7 and +-1 (odd multiples of 1/7) land 1/7 off; the symmetric narrow grid [-3, 3] (step 1/3) keeps both.
+    s, z = qparams_from_range(torch.tensor([-1.0]), torch.tensor([1.0]), 0, 7, symmetric=False)
+    assert s.item() == pytest.approx(2 / 7) and z.item() in (3, 4)
+    ends = torch.tensor([[1.0, -1.0]])
+    asym = weight_quantizer(1, 3, asym=True)
+    asym.set_qparams(s, z)
+    assert (asym(ends) - ends).abs()[0].tolist() == pytest.approx([1 / 7, 1 / 7])
+    sym = weight_quantizer(1, 3, asym=False)
+    sym.set_qparams(qparams_from_range(torch.tensor([-1.0]), torch.tensor([1.0]), -3, 3, symmetric=True)[0])
+    assert sym(ends)[0].tolist() == pytest.approx([1.0, -1.0])
+
+
 def _brute_force_weight(w, qmin, qmax, p, n):
     """Independent per-channel search: loop over channels and candidate ratios one by one."""
     scales = []
