@@ -14,7 +14,7 @@ Usage::
     python bench/bench_targets.py --cases m-w4a4 --sources real
     python bench/bench_targets.py --cached-only        # render from the cache
     python bench/bench_targets.py --cases m-w3a3 m-w4a4 --seeds 0 1 2   # + the seed spread of KD fine-tuning
-    python bench/bench_targets.py --cases m-w4a4 m-w3a3 --sources deepinversion@1000 \
+    python bench/bench_targets.py --cases m-w4a4 m-w3a3 m-all --sources real deepinversion@1000 \
         --settings "+ KD 4000 @3e-4, --w-asym" --seeds 0 1 2 --name targets-asym   # the asymmetric weight grid
     python bench/bench_targets.py --cases m-w4a4 m-w3a3 --sources deepinversion@2000 \
         --settings "+ KD 4000 @3e-4" --seeds 0 1 2 --name targets-di2000   # shards at synthesize's default steps
@@ -59,7 +59,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "+ KD 4000 @3e-4": {"finetune_steps": 4000, "lr": 3e-4},
     "+ KD 4000 @3e-4, --w-asym": {"finetune_steps": 4000, "lr": 3e-4, "w_asym": True},
 }
-#: run unless ``--settings`` names others (the --w-asym column is its own run in run_all: two cases, one source)
+#: run unless ``--settings`` names others (the --w-asym column is its own run in run_all: three cases)
 DEFAULT_SETTINGS = [s for s in SETTINGS if "--w-asym" not in s]
 IMAGES = 1024
 EVAL_IMAGES = 10000

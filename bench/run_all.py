@@ -39,8 +39,8 @@ ORDER = [
      "--name", "recon-lr-w2"],
     # issue 11's targets at zkd calibrate's defaults (+ 1000 steps/block, + KD fine-tuning), 10000 test images
     ["bench_targets.py", "--seeds", "0", "1", "2"],
-    ["bench_targets.py", "--cases", "m-w4a4", "m-w3a3", "--sources", "deepinversion@1000", "--settings",
-     "+ KD 4000 @3e-4, --w-asym", "--seeds", "0", "1", "2", "--name", "targets-asym"],
+    ["bench_targets.py", "--cases", "m-w4a4", "m-w3a3", "m-all", "--sources", "real", "deepinversion@1000",
+     "--settings", "+ KD 4000 @3e-4, --w-asym", "--seeds", "0", "1", "2", "--name", "targets-asym"],
     ["bench_targets.py", "--cases", "m-w4a4", "m-w3a3", "--sources", "deepinversion@2000", "--settings",
      "+ KD 4000 @3e-4", "--seeds", "0", "1", "2", "--name", "targets-di2000"],
     # issue 13: packed student sizes, ONNX QDQ latency and top-1 in ONNX Runtime
