@@ -18,6 +18,8 @@ Usage::
         --settings "+ KD 4000 @3e-4, --w-asym" --seeds 0 1 2 --name targets-asym   # the asymmetric weight grid
     python bench/bench_targets.py --cases m-w4a4 m-w3a3 --sources deepinversion@2000 \
         --settings "+ KD 4000 @3e-4" --seeds 0 1 2 --name targets-di2000   # shards at synthesize's default steps
+    python bench/bench_targets.py --cases m-w4a4 m-w3a3 m-all r-w3a3 --sources real deepinversion@1000 \
+        --settings "+ KD 4000 @3e-4, QDrop 0.5" --seeds 0 1 2 --name targets-qdrop   # QDrop in fine-tuning
 """
 
 from __future__ import annotations
@@ -58,9 +60,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "+ KD 4000 @3e-4, no mixup": {"finetune_steps": 4000, "lr": 3e-4, "finetune_mixup": False},
     "+ KD 4000 @3e-4": {"finetune_steps": 4000, "lr": 3e-4},
     "+ KD 4000 @3e-4, --w-asym": {"finetune_steps": 4000, "lr": 3e-4, "w_asym": True},
+    "+ KD 4000 @3e-4, QDrop 0.5": {"finetune_steps": 4000, "lr": 3e-4, "finetune_drop": 0.5},
+    "+ KD 4000 @3e-4, --w-asym, QDrop 0.5": {"finetune_steps": 4000, "lr": 3e-4, "w_asym": True,
+                                              "finetune_drop": 0.5},
 }
-#: run unless ``--settings`` names others (the --w-asym column is its own run in run_all: three cases)
-DEFAULT_SETTINGS = [s for s in SETTINGS if "--w-asym" not in s]
+#: run unless ``--settings`` names others (the --w-asym and QDrop columns are their own runs in run_all)
+DEFAULT_SETTINGS = [s for s in SETTINGS if "--w-asym" not in s and "QDrop" not in s]
 IMAGES = 1024
 EVAL_IMAGES = 10000
 CPU = torch.device("cpu")
@@ -68,7 +73,8 @@ VERSION = 1  # bump to invalidate cached cells
 
 
 #: the settings repeated over ``--seeds`` (the calibration seed: image sample, probe, reconstruction, fine-tuning)
-SEED_SETTINGS = ("+ KD 4000 @3e-4", "+ KD 4000 @3e-4, --w-asym")
+SEED_SETTINGS = ("+ KD 4000 @3e-4", "+ KD 4000 @3e-4, --w-asym", "+ KD 4000 @3e-4, QDrop 0.5",
+                 "+ KD 4000 @3e-4, --w-asym, QDrop 0.5")
 
 
 def run_cell(case: str, source: str, setting: str, cached_only: bool, seed: int = 0) -> dict | None:
@@ -106,7 +112,9 @@ def render(cells: dict[tuple[str, str, str], dict], seeded: dict[tuple[str, str,
              "`--recon-iters 1000`; `+ KD 2000, no mixup` = the default, then `--finetune-steps 2000 --lr 1e-4 "
              "--no-finetune-mixup`; `+ KD 4000 @3e-4` = the default, then `--finetune-steps 4000 --lr 3e-4` "
              "(with the default batch mixup, or `--no-finetune-mixup`), `, --w-asym` the same with the asymmetric "
-             "per-channel weight grid `[0, 2^b-1]` + zero point; fine-tuning is kept only if it lowers the "
+             "per-channel weight grid `[0, 2^b-1]` + zero point, `, QDrop 0.5` the same with `--finetune-drop 0.5` "
+             "(each activation element quantized with probability 0.5 in fine-tuning, else full precision); "
+             "fine-tuning is kept only if it lowers the "
              f"validation KL. Top-1 % on {EVAL_IMAGES} real Fashion-MNIST test images (seconds of the "
              "calibration, one CPU thread, shared machine). `real` = Fashion-MNIST train; `deepinversion@N` = "
              f"{IMAGES} images synthesized from the teacher alone at N steps (data-free). `-` = not run.", ""]

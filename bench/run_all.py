@@ -43,6 +43,9 @@ ORDER = [
      "--settings", "+ KD 4000 @3e-4, --w-asym", "--seeds", "0", "1", "2", "--name", "targets-asym"],
     ["bench_targets.py", "--cases", "m-w4a4", "m-w3a3", "--sources", "deepinversion@2000", "--settings",
      "+ KD 4000 @3e-4", "--seeds", "0", "1", "2", "--name", "targets-di2000"],
+    ["bench_targets.py", "--cases", "m-w4a4", "m-w3a3", "m-all", "r-w3a3", "--sources", "real",
+     "deepinversion@1000", "--settings", "+ KD 4000 @3e-4, QDrop 0.5", "--seeds", "0", "1", "2", "--name",
+     "targets-qdrop"],
     # issue 13: packed student sizes, ONNX QDQ latency and top-1 in ONNX Runtime
     ["bench_export.py"],
     # issue 12: TAKD chains, Active Mixup with a black-box teacher, no-skip students (about 20 min)

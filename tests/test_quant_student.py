@@ -22,7 +22,7 @@ from zeroshot_kd.quant.recon import PAPER_ITERS, PAPER_LR_ROUND, ReconConfig, fi
 from zeroshot_kd.quant.report import rounding_rate_line
 from zeroshot_kd.similarity import VERDICT_FAR
 from zeroshot_kd.quant.student import FORMAT_VERSION, load_student, read_student_file, save_student
-from zeroshot_kd.runtime import batch_generator
+from zeroshot_kd.runtime import batch_generator, batch_seed
 from zeroshot_kd.teachers import Teacher, state_sha256
 from zeroshot_kd.training import shuffled_batches
 
@@ -179,6 +179,44 @@ def test_finetune_reduces_kd_loss_and_custom_loss(small_teacher):
              objectives=ObjectiveSet([MSE()]), batch_size=32, seed=5, mixup=False, progress=False)
     order = shuffled_batches(32, 32, batch_generator(5, 0, "finetune"), drop_last=True)[0]
     assert torch.equal(seen[0][0], x[order]) and torch.equal(seen[0][1], y[order])
+
+
+def test_finetune_qdrop_drops_with_its_seeded_masks_and_leaves_plain_quantizers(small_teacher):
+    from torch.utils.data import TensorDataset
+
+    res = run(small_teacher, QuantConfig(4, 4), a_method="mse")
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    y = torch.zeros(16, dtype=torch.long)
+    seen = []
+
+    class Record(Objective):
+        name = "record"
+
+        def forward(self, batch):
+            seen.append(batch.student_logits.detach().clone())
+            return batch.student_logits.pow(2).mean()
+
+    student = copy.deepcopy(res.student)
+    finetune(student, small_teacher.model, TensorDataset(x, y), steps=1, objectives=ObjectiveSet([Record()]),
+             batch_size=16, seed=2, mixup=False, drop_prob=0.5, progress=False)
+    # the first step's student: each activation element quantized with probability 0.5, the masks drawn in forward
+    # order from a generator seeded with batch_seed(seed, step, "finetune-qdrop")
+    order = shuffled_batches(16, 16, batch_generator(2, 0, "finetune"), drop_last=True)[0]
+    ref = copy.deepcopy(res.student)
+    gen = torch.Generator().manual_seed(batch_seed(2, 0, "finetune-qdrop"))
+    acts = [l.aq for _, l in quant_layers(ref) if l.aq is not None]
+    for q in acts:
+        q.drop_prob, q.drop_generator = 0.5, gen
+    with torch.no_grad():
+        expected = ref(x[order])
+        for q in acts:
+            q.drop_prob = 0.0
+        plain = ref(x[order])
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=0)
+    assert not torch.allclose(seen[0], plain, atol=1e-4)  # the masks changed the forward
+    # afterwards every quantizer is plain again (QDrop would also drop in evaluation)
+    assert all(l.aq.drop_prob == 0.0 and l.aq.drop_generator is None
+               for _, l in quant_layers(student) if l.aq is not None)
 
 
 def test_reconstruction_draws_qdrop_masks_on_its_device_and_is_deterministic(small_teacher, monkeypatch):

@@ -76,6 +76,12 @@ def batch_generator(seed: int, index: int, salt: str = "") -> torch.Generator:
     return torch.Generator().manual_seed(batch_seed(seed, index, salt))
 
 
+def device_generator(seed: int, index: int, salt: str, device: torch.device | str) -> torch.Generator:
+    """A generator on ``device`` seeded like :func:`batch_generator`, for random masks drawn where the tensors live
+    (QDrop) instead of on the CPU and copied each step. Its stream differs between device types."""
+    return torch.Generator(device=torch.device(device)).manual_seed(batch_seed(seed, index, salt))
+
+
 @dataclass(frozen=True)
 class DistEnv:
     rank: int = 0

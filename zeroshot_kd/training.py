@@ -251,6 +251,7 @@ def train_student(
     pairs: bool = False,
     param_groups: list[dict[str, Any]] | None = None,
     after_step: Callable[[], None] | None = None,
+    before_step: Callable[[int], None] | None = None,
     eval_data: Dataset | None = None,
     initial_record: bool = True,
     metrics: str | os.PathLike | None = None,
@@ -280,6 +281,7 @@ def train_student(
             group of every student parameter that requires grad. Their ``requires_grad`` is set for the run and
             restored afterwards. The objectives' own parameters are added as one more group (``objective_lr``).
         after_step: called after every optimizer step (e.g. clamp LSQ step sizes).
+        before_step: called with the step index before the step's forwards (e.g. reseed a per-step random stream).
         eval_data: evaluated with :func:`zeroshot_kd.evaluate.evaluate_model` (percent) in every record, and with
             the teacher alone in the initial record.
         initial_record: emit a record before training (epoch 0, step 0; evaluation only).
@@ -416,6 +418,8 @@ def train_student(
                     if cfg.mixup:
                         x, y = mixup_batch(x, y, batch_generator(cfg.seed, step, f"{tag}-mixup"))
                     b_global = len(gb) // 2 if pairs else len(gb)
+                    if before_step is not None:
+                        before_step(step)
                     pair_logits = None
                     if pairs:
                         half = x.shape[0] // 2

@@ -158,6 +158,9 @@ class CalibrationOptions(Config):
     scale_lr: float | None = option(None, "Fine-tuning learning rate of the activation step sizes [default: --lr]; "
                                     "weight step sizes stay fixed.",
                                     kind="float", min=0, min_open=True)
+    finetune_drop: float = option(1.0, "QDrop during fine-tuning: probability that an activation element uses its "
+                                  "quantized value, else its full-precision one (1 = off; 0.5 helps fine-tuning on "
+                                  "synthetic images at 3 bits, costs on real ones).", min=0, max=1, min_open=True)
     temperature: float = option(DEFAULT_TEMPERATURE, "KD temperature T of the fine-tuning loss "
                                 "T^2 * KL(p_t^T || p_s^T).", min=0, min_open=True)
     seed: int = 0
@@ -304,7 +307,7 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
         ft_hist = finetune(student, teacher.model, TensorDataset(fit_x, cal_y[: fit_x.shape[0]]),
                            opts.finetune_steps, objset, lr=opts.lr, scale_lr=opts.scale_lr, batch_size=opts.batch_size,
                            seed=opts.seed, device=device, precision=opts.precision, spec=teacher.spec,
-                           mixup=opts.finetune_mixup, progress=opts.progress)
+                           mixup=opts.finetune_mixup, drop_prob=opts.finetune_drop, progress=opts.progress)
         if before is not None:  # set only when checked
             kept, kl_before, kl_after = _closer(before, student, validation, device, opts.precision)
             student = student if kept else before

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from ..capture import Capture, CaptureError
 from ..config import Config, require
-from ..runtime import batch_generator, batch_seed
+from ..runtime import device_generator
 from .fakequant import SCALE_EPS, bernoulli_mask
 from .modules import QUANT_TYPES, quant_layers
 
@@ -172,12 +172,6 @@ def _capture(model: nn.Module, blocks: Sequence[str], inputs: Sequence[torch.Ten
     return {a: torch.cat(v) for a, v in kept.items()}
 
 
-def _device_generator(seed: int, index: int, salt: str, device: torch.device) -> torch.Generator:
-    """A generator on ``device`` seeded like :func:`~zeroshot_kd.runtime.batch_generator` (per block), so QDrop's
-    masks and the minibatch indices are drawn where the tensors live instead of on the CPU and copied each step."""
-    return torch.Generator(device=torch.device(device)).manual_seed(batch_seed(seed, index, salt))
-
-
 def _adam_impl(device: torch.device) -> dict[str, bool]:
     """``fused=True`` where this torch has a fused Adam for the device (one kernel for every parameter: measured
     2.4x faster than ``foreach`` on CPU for a block's three parameter groups, which is most of a small block's
@@ -294,9 +288,9 @@ def reconstruct(student: nn.Module, fp_model: nn.Module, inputs: Sequence[torch.
         x_fp, y_fp = fp
         block = student.get_submodule(name)
         layers = [m for _, m in quant_layers(block)] if not isinstance(block, QUANT_TYPES) else [block]
-        idx_gen = _device_generator(seed, bi, f"recon:{name}", device)
-        drop_gen = _device_generator(seed, bi, f"qdrop:{name}", device)
-        mix_gen = _device_generator(seed, bi, f"qdrop-input:{name}", device)
+        idx_gen = device_generator(seed, bi, f"recon:{name}", device)
+        drop_gen = device_generator(seed, bi, f"qdrop:{name}", device)
+        mix_gen = device_generator(seed, bi, f"qdrop-input:{name}", device)
         n = x_fp.shape[0]
         m_eval = min(n, 256)
 
@@ -342,7 +336,7 @@ def reconstruct(student: nn.Module, fp_model: nn.Module, inputs: Sequence[torch.
         mix = 0 < cfg.drop_prob < 1 and not (x_q.shape == x_fp.shape and torch.equal(x_q, x_fp))
         timing: dict = {}
         if cfg.time_floor > 0:
-            probe = _device_generator(seed, bi, f"floor:{name}", device)
+            probe = device_generator(seed, bi, f"floor:{name}", device)
             idx = torch.randint(0, n, (bs,), generator=probe, device=device)
             xin = torch.where(bernoulli_mask(x_q[idx].shape, cfg.drop_prob, probe, device),
                               x_q[idx], x_fp[idx]) if mix else x_q[idx]
