@@ -130,20 +130,20 @@ def finetune(student: nn.Module, teacher: nn.Module, data: Dataset, steps: int,
 
     act = [layer.aq for _, layer in quant_layers(student) if layer.aq is not None]
     saved = [(q.drop_prob, q.drop_generator) for q in act]
-    gen = device_generator(seed, 0, "finetune-qdrop", device)
+    reseed = None
     if drop_prob < 1:
+        gen = device_generator(seed, 0, "finetune-qdrop", device)
         for q in act:
             q.drop_prob, q.drop_generator = 1.0 - drop_prob, gen
 
-    def reseed(step: int) -> None:  # step t's masks depend on (seed, t) only
-        gen.manual_seed(batch_seed(seed, step, "finetune-qdrop"))
+        def reseed(step: int) -> None:  # step t's masks depend on (seed, t) only
+            gen.manual_seed(batch_seed(seed, step, "finetune-qdrop"))
 
     try:
         result = train_student(student, teacher.eval(), data, objset, config, device, spec=spec, batches=batches,
                                param_groups=step_size_groups(student, lr, scale_lr),
-                               after_step=lambda: clamp_step_sizes(student),
-                               before_step=reseed if drop_prob < 1 else None, initial_record=False,
-                               progress=progress, tag="finetune")
+                               after_step=lambda: clamp_step_sizes(student), before_step=reseed,
+                               initial_record=False, progress=progress, tag="finetune")
     finally:  # the student leaves with plain quantizers: QDrop would also drop in evaluation
         for q, (p, g) in zip(act, saved):
             q.drop_prob, q.drop_generator = p, g
