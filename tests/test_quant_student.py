@@ -217,6 +217,10 @@ def test_finetune_qdrop_drops_with_its_seeded_masks_and_leaves_plain_quantizers(
     # afterwards every quantizer is plain again (QDrop would also drop in evaluation)
     assert all(l.aq.drop_prob == 0.0 and l.aq.drop_generator is None
                for _, l in quant_layers(student) if l.aq is not None)
+    # called from Python, a probability outside (0, 1] is refused before anything runs, as the CLI refuses it
+    for bad in (0.0, 1.5):
+        with pytest.raises(ZkdError, match=r"drop_prob must be in \(0, 1\]"):
+            finetune(student, small_teacher.model, TensorDataset(x, y), steps=1, drop_prob=bad, progress=False)
 
 
 def test_reconstruction_draws_qdrop_masks_on_its_device_and_is_deterministic(small_teacher, monkeypatch):

@@ -118,7 +118,13 @@ def finetune(student: nn.Module, teacher: nn.Module, data: Dataset, steps: int,
 
     Returns:
         History rows ``{"epoch", "step", "lr", **mean terms}`` (terms as :class:`ObjectiveSet` names them).
+
+    Raises:
+        ZkdError: ``drop_prob`` outside (0, 1], or an objective :func:`finetune_objectives` refuses.
     """
+    if not 0 < drop_prob <= 1:
+        raise ZkdError(f"drop_prob must be in (0, 1] (the probability of quantizing an activation element; 1 = "
+                       f"QDrop off), got {drop_prob}")
     objset = finetune_objectives(objectives, temperature)
     n = len(data)
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, optimizer="adam", weight_decay=0.0,
