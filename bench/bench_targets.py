@@ -20,6 +20,10 @@ Usage::
         --settings "+ KD 4000 @3e-4" --seeds 0 1 2 --name targets-di2000   # shards at synthesize's default steps
     python bench/bench_targets.py --cases m-w4a4 m-w3a3 m-all r-w3a3 --sources real deepinversion@1000 \
         --settings "+ KD 4000 @3e-4, QDrop 0.5" --seeds 0 1 2 --name targets-qdrop   # QDrop in fine-tuning
+    python bench/bench_targets.py --cases m-w4a4 m-w3a3 m-all --sources real deepinversion@1000 \
+        --settings "+ KD 4000 @3e-4, --w-asym, shift 2, flip" "+ KD 4000 @3e-4, --w-asym, shift 2" \
+        "+ KD 4000 @3e-4, --w-asym, flip" "+ KD 4000 @3e-4, QDrop 0.5, shift 2, flip" --seeds 0 1 2 \
+        --name targets-aug   # shift / flip in fine-tuning
 """
 
 from __future__ import annotations
@@ -63,9 +67,15 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "+ KD 4000 @3e-4, QDrop 0.5": {"finetune_steps": 4000, "lr": 3e-4, "finetune_drop": 0.5},
     "+ KD 4000 @3e-4, --w-asym, QDrop 0.5": {"finetune_steps": 4000, "lr": 3e-4, "w_asym": True,
                                               "finetune_drop": 0.5},
+    "+ KD 4000 @3e-4, --w-asym, shift 2, flip": {"finetune_steps": 4000, "lr": 3e-4, "w_asym": True,
+                                                 "finetune_shift": 2, "finetune_flip": True},
+    "+ KD 4000 @3e-4, --w-asym, shift 2": {"finetune_steps": 4000, "lr": 3e-4, "w_asym": True, "finetune_shift": 2},
+    "+ KD 4000 @3e-4, --w-asym, flip": {"finetune_steps": 4000, "lr": 3e-4, "w_asym": True, "finetune_flip": True},
+    "+ KD 4000 @3e-4, QDrop 0.5, shift 2, flip": {"finetune_steps": 4000, "lr": 3e-4, "finetune_drop": 0.5,
+                                                  "finetune_shift": 2, "finetune_flip": True},
 }
 #: run unless ``--settings`` names others (the --w-asym and QDrop columns are their own runs in run_all)
-DEFAULT_SETTINGS = [s for s in SETTINGS if "--w-asym" not in s and "QDrop" not in s]
+DEFAULT_SETTINGS = [s for s in SETTINGS if "--w-asym" not in s and "QDrop" not in s and "shift" not in s]
 IMAGES = 1024
 EVAL_IMAGES = 10000
 CPU = torch.device("cpu")
@@ -74,7 +84,9 @@ VERSION = 1  # bump to invalidate cached cells
 
 #: the settings repeated over ``--seeds`` (the calibration seed: image sample, probe, reconstruction, fine-tuning)
 SEED_SETTINGS = ("+ KD 4000 @3e-4", "+ KD 4000 @3e-4, --w-asym", "+ KD 4000 @3e-4, QDrop 0.5",
-                 "+ KD 4000 @3e-4, --w-asym, QDrop 0.5")
+                 "+ KD 4000 @3e-4, --w-asym, QDrop 0.5", "+ KD 4000 @3e-4, --w-asym, shift 2, flip",
+                 "+ KD 4000 @3e-4, --w-asym, shift 2", "+ KD 4000 @3e-4, --w-asym, flip",
+                 "+ KD 4000 @3e-4, QDrop 0.5, shift 2, flip")
 
 
 def run_cell(case: str, source: str, setting: str, cached_only: bool, seed: int = 0) -> dict | None:
@@ -113,7 +125,9 @@ def render(cells: dict[tuple[str, str, str], dict], seeded: dict[tuple[str, str,
              "--no-finetune-mixup`; `+ KD 4000 @3e-4` = the default, then `--finetune-steps 4000 --lr 3e-4` "
              "(with the default batch mixup, or `--no-finetune-mixup`), `, --w-asym` the same with the asymmetric "
              "per-channel weight grid `[0, 2^b-1]` + zero point, `, QDrop 0.5` the same with `--finetune-drop 0.5` "
-             "(each activation element quantized with probability 0.5 in fine-tuning, else full precision); "
+             "(each activation element quantized with probability 0.5 in fine-tuning, else full precision), "
+             "`, shift 2` / `, flip` the same with `--finetune-shift 2` / `--finetune-flip` (each image moved by up "
+             "to 2 px / mirrored with probability 1/2 before mixup); "
              "fine-tuning is kept only if it lowers the "
              f"validation KL. Top-1 % on {EVAL_IMAGES} real Fashion-MNIST test images (seconds of the "
              "calibration, one CPU thread, shared machine). `real` = Fashion-MNIST train; `deepinversion@N` = "

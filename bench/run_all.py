@@ -46,6 +46,11 @@ ORDER = [
     ["bench_targets.py", "--cases", "m-w4a4", "m-w3a3", "m-all", "r-w3a3", "--sources", "real",
      "deepinversion@1000", "--settings", "+ KD 4000 @3e-4, QDrop 0.5", "--seeds", "0", "1", "2", "--name",
      "targets-qdrop"],
+    # issue 11: shift / flip in fine-tuning (stop 26)
+    ["bench_targets.py", "--cases", "m-w4a4", "m-w3a3", "m-all", "--sources", "real", "deepinversion@1000",
+     "--settings", "+ KD 4000 @3e-4, --w-asym, shift 2, flip", "+ KD 4000 @3e-4, --w-asym, shift 2",
+     "+ KD 4000 @3e-4, --w-asym, flip", "+ KD 4000 @3e-4, QDrop 0.5, shift 2, flip", "--seeds", "0", "1", "2",
+     "--name", "targets-aug"],
     # issue 13: packed student sizes, ONNX QDQ latency and top-1 in ONNX Runtime
     ["bench_export.py"],
     # issue 12: TAKD chains, Active Mixup with a black-box teacher, no-skip students (about 20 min)

@@ -66,7 +66,7 @@ OBJECTIVE_HELP = ("Objective NAME[:key=value,...], repeatable (default: kd); wei
               help="active-mixup: least-sure pairs and lam (active) or random ones (the same-queries baseline).")
 @click.option("--metrics", default=None, type=click.Path(dir_okay=False),
               help="JSONL metrics file; default: OUT with suffix .jsonl.")
-@config_options(DistillConfig, ["mixup", "workers", "freeze_bn"])
+@config_options(DistillConfig, ["mixup", "shift", "flip", "workers", "freeze_bn"])
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar with loss terms.")
 @device_option
 @precision_option

@@ -74,6 +74,7 @@ BAD = [
     (lambda: QuantConfig(9, 4), "bits must be an integer in 2..8"),
     (lambda: CalibrationOptions("gaussian:4", recon_drop=0.0), "--recon-drop must be > 0, got 0.0"),
     (lambda: CalibrationOptions("gaussian:4", finetune_drop=1.5), "--finetune-drop must be <= 1, got 1.5"),
+    (lambda: CalibrationOptions("gaussian:4", finetune_shift=-2), "--finetune-shift must be >= 0, got -2"),
     (lambda: CalibrationOptions("gaussian:4", percentile=100.5), "--percentile must be <= 100, got 100.5"),
     (lambda: CalibrationOptions("gaussian:4", w_method="l3"), "unknown --w-method 'l3'; use one of lp, mse, minmax"),
     (lambda: CalibrationOptions("gaussian:4", lr=float("nan")), "--lr must be a finite number"),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import spy_rand
-from zeroshot_kd.augment import mixup_batch
+from zeroshot_kd.augment import mixup_batch, shift_flip_batch
 from zeroshot_kd.data import FASHION_MNIST_SPEC, make_dataset
 from zeroshot_kd.errors import ZkdError
 from zeroshot_kd.objectives import Objective, ObjectiveSet, build
@@ -179,6 +179,19 @@ def test_finetune_reduces_kd_loss_and_custom_loss(small_teacher):
              objectives=ObjectiveSet([MSE()]), batch_size=32, seed=5, mixup=False, progress=False)
     order = shuffled_batches(32, 32, batch_generator(5, 0, "finetune"), drop_last=True)[0]
     assert torch.equal(seen[0][0], x[order]) and torch.equal(seen[0][1], y[order])
+    # shift and flip: each step's images moved by batch_generator(seed, t, "finetune-shift"), then mixed; the
+    # teacher answers on what the student sees
+    seen.clear()
+    finetune(copy.deepcopy(res.student), small_teacher.model, TensorDataset(x, y), steps=2,
+             objectives=ObjectiveSet([MSE()]), batch_size=32, seed=5, shift=2, flip=True, progress=False)
+    for step, (inputs, labels, t_logits) in enumerate(seen):
+        order = shuffled_batches(32, 32, batch_generator(5, step, "finetune"), drop_last=True)[0]
+        moved = shift_flip_batch(x[order], batch_generator(5, step, "finetune-shift"), 2, True)
+        assert not torch.equal(moved, x[order])
+        mixed, mixed_y = mixup_batch(moved, y[order], batch_generator(5, step, "finetune-mixup"))
+        torch.testing.assert_close(inputs, mixed, rtol=0, atol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(t_logits, small_teacher.model(mixed))
 
 
 def test_finetune_qdrop_drops_with_its_seeded_masks_and_leaves_plain_quantizers(small_teacher):

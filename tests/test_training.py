@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from cli.main import cli
-from zeroshot_kd.augment import mixup_batch
+from zeroshot_kd.augment import mixup_batch, shift_flip_batch
 from zeroshot_kd.errors import ZkdError
 from zeroshot_kd.objectives import Objective, ObjectiveSet, build
 from zeroshot_kd.training import (CHECKPOINT_FORMAT, TrainConfig, read_checkpoint, shard_batch, shuffled_batches,
@@ -83,6 +83,30 @@ def test_mixup_batch_is_the_convex_mix_with_a_permutation():
                        mixup_batch(x, y, torch.Generator().manual_seed(3))[0])
 
 
+def test_shift_flip_batch_moves_each_image_by_its_drawn_offsets_with_edges_repeated():
+    x = torch.randn(6, 2, 5, 7, generator=torch.Generator().manual_seed(4))
+    for seed in range(10):
+        out = shift_flip_batch(x, torch.Generator().manual_seed(seed), shift=2, flip=True)
+        g = torch.Generator().manual_seed(seed)  # the documented draws: B flips, then B row and B column offsets
+        flips, dy, dx = torch.rand(6, generator=g) < 0.5, torch.randint(0, 5, (6,), generator=g), \
+            torch.randint(0, 5, (6,), generator=g)
+        for b in range(6):
+            src = x[b].flip(-1) if flips[b] else x[b]
+            for i in range(5):
+                for j in range(7):   # pixel (i, j) reads (i + dy - 2, j + dx - 2), clamped into the image
+                    ii, jj = min(max(i + int(dy[b]) - 2, 0), 4), min(max(j + int(dx[b]) - 2, 0), 6)
+                    assert torch.equal(out[b, :, i, j], src[:, ii, jj])
+    # off, it is the identity and draws nothing; shift alone draws only the offsets
+    g = torch.Generator().manual_seed(1)
+    assert torch.equal(shift_flip_batch(x, g), x) and torch.equal(g.get_state(), torch.Generator().manual_seed(1)
+                                                                 .get_state())
+    g = torch.Generator().manual_seed(1)
+    dy, dx = torch.randint(0, 3, (6,), generator=g), torch.randint(0, 3, (6,), generator=g)
+    out = shift_flip_batch(x, torch.Generator().manual_seed(1), shift=1)
+    assert all(torch.equal(out[b, :, 1:-1, 1:-1], x[b, :, int(dy[b]):int(dy[b]) + 3, int(dx[b]):int(dx[b]) + 5])
+               for b in range(6))
+
+
 def test_mixup_refuses_cskd_pairs():
     student, teacher = _linear_pair()
     data = TensorDataset(torch.randn(8, 1, 3, 4), torch.zeros(8, dtype=torch.long))
@@ -96,7 +120,8 @@ def test_config_validates_and_round_trips():
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert TrainConfig.from_dict({"epochs": 2}) == TrainConfig(epochs=2)      # older records: defaults
     for bad, needle in [({"optimizer": "lion"}, "unknown optimizer"), ({"schedule": "step"}, "unknown schedule"),
-                        ({"epochs": 0}, "--epochs"), ({"steps": 0}, "--steps"), ({"lr": 0}, "--lr")]:
+                        ({"epochs": 0}, "--epochs"), ({"steps": 0}, "--steps"), ({"lr": 0}, "--lr"),
+                        ({"shift": -1}, "--shift must be >= 0, got -1")]:
         with pytest.raises(ZkdError, match=needle):
             TrainConfig(**bad)
     with pytest.raises(ZkdError, match="unknown training option"):

@@ -1,5 +1,15 @@
-"""Batch mixup for distillation on a few images (the training loop's ``mixup`` option).
+"""Batch augmentations for distillation on a few images (the training loop's ``shift``, ``flip`` and ``mixup``).
 
+**Shift and flip** (:func:`shift_flip_batch`): each image is translated by up to ``shift`` pixels in each
+direction (edges replicated) and, with ``flip``, mirrored left-right with probability 1/2. The teacher answers on
+the moved image, so the KD target stays right even where a move is not label-preserving (a mirrored digit): the
+student learns the teacher's function on more inputs, not a label. Off by default everywhere. Measured (README,
+"Targets at the defaults users run"): training a student from scratch (``zkd distill``, cifar-resnet:8x8, 2048 real
+Fashion-MNIST images, 60 epochs) gains about a point; at 15 epochs the same moves cost 2-4 points (the student
+has not fitted the plain images yet); in ``zkd calibrate``'s fine-tuning on synthetic images the change is within
+the seed spread, and on real images it costs (MobileNetV2 W4A4 90.55 -> 90.24).
+
+**Mixup** (:func:`mixup_batch`):
 Each image of a batch is mixed with a partner from the same batch, ``x' = lam x + (1 - lam) x[perm]`` with a
 random permutation ``perm`` and ``lam ~ U(0, 1)`` drawn per image; the teacher and the student then see ``x'``, so
 the KD target is the teacher's answer on the mixed image itself (no label interpolation). A mixed image's label
@@ -21,7 +31,37 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["mixup_batch"]
+__all__ = ["mixup_batch", "shift_flip_batch"]
+
+
+def shift_flip_batch(x: torch.Tensor, generator: torch.Generator, shift: int = 0,
+                     flip: bool = False) -> torch.Tensor:
+    """Translate each image by up to ``shift`` pixels and, with ``flip``, mirror it with probability 1/2.
+
+    Args:
+        x: ``(B, C, H, W)`` images.
+        generator: CPU generator; ``B`` flip draws (when ``flip``), then ``B`` row and ``B`` column offsets in
+            ``[0, 2 shift]`` (when ``shift``), so CPU and CUDA see the same moves.
+        shift: largest translation in pixels along each axis (0: none); the uncovered border repeats the edge.
+        flip: mirror left-right with probability 1/2.
+
+    Returns:
+        The moved images: ``out[b, :, i, j] = x_f[b, :, clamp(i + dy_b - shift), clamp(j + dx_b - shift)]`` where
+        ``x_f`` is ``x`` with the drawn images mirrored.
+    """
+    b, _, h, w = x.shape
+    if flip:
+        mirrored = (torch.rand(b, generator=generator) < 0.5).to(x.device).view(-1, 1, 1, 1)
+        x = torch.where(mirrored, x.flip(-1), x)
+    if shift:
+        dy = torch.randint(0, 2 * shift + 1, (b,), generator=generator).to(x.device)
+        dx = torch.randint(0, 2 * shift + 1, (b,), generator=generator).to(x.device)
+        # one gather through clamped row/column indices: the replicate-padded crop without padding
+        rows = (torch.arange(h, device=x.device) + dy[:, None] - shift).clamp(0, h - 1)  # (B, H)
+        cols = (torch.arange(w, device=x.device) + dx[:, None] - shift).clamp(0, w - 1)  # (B, W)
+        x = x.gather(2, rows[:, None, :, None].expand(-1, x.shape[1], -1, w))
+        x = x.gather(3, cols[:, None, None, :].expand(-1, x.shape[1], h, -1))
+    return x
 
 
 def mixup_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .augment import mixup_batch
+from .augment import mixup_batch, shift_flip_batch
 from .config import Config, option, require
 from .errors import ZkdError
 from .evaluate import evaluate_model
@@ -80,6 +80,10 @@ class TrainConfig(Config):
         objective_lr: learning rate of the objective-owned parameters (connectors, peers); None: ``lr``.
         mixup: mix every batch with a permutation of itself before the teacher and the student see it
             (:func:`zeroshot_kd.augment.mixup_batch`, drawn from ``(seed, step)``); not with CS-KD's pairs.
+        shift: translate every image by up to this many pixels (edges replicated) before the teacher and the
+            student see it (:func:`zeroshot_kd.augment.shift_flip_batch`, drawn from ``(seed, step)``, before
+            mixup); 0 = off.
+        flip: mirror every image left-right with probability 1/2, with ``shift``'s draws.
     """
 
     config_name: ClassVar[str] = "training"
@@ -104,6 +108,10 @@ class TrainConfig(Config):
     objective_lr: float | None = None
     mixup: bool = option(False, "Mix each batch with a permutation of itself (x' = lam x + (1 - lam) x[perm], lam ~ "
                          "U(0,1) per image; the teacher answers on x'). Regularizes KD on a few or synthetic images.")
+    shift: int = option(0, "Translate each image by up to this many pixels (edges replicated; the teacher answers on "
+                        "the moved image); 0 = off.", min=0)
+    flip: bool = option(False, "Mirror each image left-right with probability 1/2 (the teacher answers on the "
+                        "mirrored image).")
 
     def __post_init__(self) -> None:
         require([(self.epochs >= 1, "--epochs must be >= 1"),
@@ -415,6 +423,8 @@ def train_student(
                     if step >= total_steps:
                         break
                     x, y = x.to(device, non_blocking=True), torch.as_tensor(y).long().to(device)
+                    if cfg.shift or cfg.flip:
+                        x = shift_flip_batch(x, batch_generator(cfg.seed, step, f"{tag}-shift"), cfg.shift, cfg.flip)
                     if cfg.mixup:
                         x, y = mixup_batch(x, y, batch_generator(cfg.seed, step, f"{tag}-mixup"))
                     b_global = len(gb) // 2 if pairs else len(gb)

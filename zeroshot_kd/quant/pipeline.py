@@ -123,6 +123,10 @@ class CalibrationOptions(Config):
     finetune_mixup: bool = option(True, "Mix each fine-tuning batch with a permutation of itself (lam ~ U(0,1) per "
                                   "image; the teacher answers on the mixed images): keeps fine-tuning on a few or "
                                   "synthetic images from fitting their artifacts.", kind="bool")
+    finetune_shift: int = option(0, "Translate each fine-tuning image by up to this many pixels before mixup "
+                                 "(edges replicated; the teacher answers on the moved image); 0 = off.", min=0)
+    finetune_flip: bool = option(False, "Mirror each fine-tuning image left-right with probability 1/2 (the "
+                                 "teacher answers on the mirrored image).", kind="bool")
     probe_images: int = option(64, "Validation images synthesized from the teacher's BN statistics (BNS-KL, 50 "
                                "steps), pooled with the held-out quarter of the calibration images to score the "
                                "guard's candidates and the reconstruction check (0 = held-out images only).", min=0)
@@ -307,7 +311,8 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
         ft_hist = finetune(student, teacher.model, TensorDataset(fit_x, cal_y[: fit_x.shape[0]]),
                            opts.finetune_steps, objset, lr=opts.lr, scale_lr=opts.scale_lr, batch_size=opts.batch_size,
                            seed=opts.seed, device=device, precision=opts.precision, spec=teacher.spec,
-                           mixup=opts.finetune_mixup, drop_prob=opts.finetune_drop, progress=opts.progress)
+                           mixup=opts.finetune_mixup, shift=opts.finetune_shift,
+                           flip=opts.finetune_flip, drop_prob=opts.finetune_drop, progress=opts.progress)
         if before is not None:  # set only when checked
             kept, kl_before, kl_after = _closer(before, student, validation, device, opts.precision)
             student = student if kept else before
