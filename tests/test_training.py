@@ -15,6 +15,7 @@ from torch.utils.data import TensorDataset
 from cli.main import cli
 from zeroshot_kd.augment import mixup_batch, shift_flip_batch
 from zeroshot_kd.errors import ZkdError
+from zeroshot_kd.runtime import batch_generator
 from zeroshot_kd.objectives import Objective, ObjectiveSet, build
 from zeroshot_kd.training import (CHECKPOINT_FORMAT, TrainConfig, read_checkpoint, shard_batch, shuffled_batches,
                                   train_student, write_checkpoint)
@@ -105,6 +106,31 @@ def test_shift_flip_batch_moves_each_image_by_its_drawn_offsets_with_edges_repea
     out = shift_flip_batch(x, torch.Generator().manual_seed(1), shift=1)
     assert all(torch.equal(out[b, :, 1:-1, 1:-1], x[b, :, int(dy[b]):int(dy[b]) + 3, int(dx[b]):int(dx[b]) + 5])
                for b in range(6))
+
+
+def test_shift_flip_moves_cskd_anchors_and_partners_independently():
+    student, teacher = _linear_pair()
+    x = torch.randn(8, 1, 3, 4, generator=torch.Generator().manual_seed(2))
+    data = TensorDataset(x, torch.zeros(8, dtype=torch.long))
+    seen = []
+
+    class Record(Objective):
+        name = "record"
+        needs_pairs = True
+
+        def forward(self, batch):
+            seen.append((batch.inputs.detach().clone(), batch.pair_logits.clone()))
+            return batch.student_logits.pow(2).mean()
+
+    plan = [[0, 1, 2, 4, 5, 6]]  # anchors 0..2, partners 4..6
+    cfg = TrainConfig(steps=1, batch_size=3, lr=1e-9, shift=1, flip=True, seed=3)
+    train_student(student, teacher, data, ObjectiveSet([Record()]), cfg, pairs=True, batches=lambda e: plan,
+                  initial_record=False, progress=False)
+    # the six images are moved as one batch by batch_generator(seed, 0, "train-shift"), then split
+    moved = shift_flip_batch(x[plan[0]], batch_generator(3, 0, "train-shift"), 1, True)
+    torch.testing.assert_close(seen[0][0], moved[:3], rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(seen[0][1], student(moved[3:]), rtol=1e-6, atol=1e-6)
 
 
 def test_mixup_refuses_cskd_pairs():
