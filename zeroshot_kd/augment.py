@@ -4,10 +4,10 @@
 direction (edges replicated) and, with ``flip``, mirrored left-right with probability 1/2. The teacher answers on
 the moved image, so the KD target stays right even where a move is not label-preserving (a mirrored digit): the
 student learns the teacher's function on more inputs, not a label. Off by default everywhere. Measured (README,
-"Targets at the defaults users run"): training a student from scratch (``zkd distill``, cifar-resnet:8x8, 2048 real
-Fashion-MNIST images, 60 epochs) gains about a point; at 15 epochs the same moves cost 2-4 points (the student
-has not fitted the plain images yet); in ``zkd calibrate``'s fine-tuning on synthetic images the change is within
-the seed spread, and on real images it costs (MobileNetV2 W4A4 90.55 -> 90.24).
+``zkd distill`` section): a student trained from scratch (cifar-resnet:8x8, 2048 real Fashion-MNIST images) gains
+0.7-1.0 points at 60 epochs (seeds 0 / 1) and loses 2-4 at 15 (it has not fitted the plain images yet); in
+``zkd calibrate``'s fine-tuning on synthetic images the change is within the seed spread, and on real images it
+costs (MobileNetV2 W4A4 90.55 -> 90.24; :mod:`zeroshot_kd.quant.finetune`).
 
 **Mixup** (:func:`mixup_batch`):
 Each image of a batch is mixed with a partner from the same batch, ``x' = lam x + (1 - lam) x[perm]`` with a
