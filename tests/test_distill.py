@@ -120,7 +120,8 @@ def test_two_process_ddp_distill_equals_one_process(tmp_path):
     The global batch of 5 is split 3 + 2 (uneven on purpose: the loss scaling must make DDP's gradient average the
     global batch mean). The student is a CIFAR ResNet with BatchNorm, trained with ``--freeze-bn`` (eval mode, BN
     uses its running statistics), because PyTorch has no SyncBatchNorm on CPU: with per-rank batch statistics the
-    runs would differ by construction. OFD's connectors (objective-owned parameters) are all-reduced too.
+    runs would differ by construction. OFD's connectors (objective-owned parameters) are all-reduced too. ``--shift``
+    and ``--flip`` move each rank's slice with its positions' draws of the global batch.
     """
     import os
     import subprocess
@@ -128,7 +129,7 @@ def test_two_process_ddp_distill_equals_one_process(tmp_path):
 
     args = ["--student", "cifar-resnet:8x2", "--data", "gaussian:10", "--objective", "kd:T=4", "--objective", "ofd",
             "--epochs", "2", "--batch-size", "5", "--lr", "0.05", "--freeze-bn", "--eval-data", "gaussian:6",
-            "--device", "cpu", "--seed", "5", "--no-progress"]
+            "--shift", "2", "--flip", "--device", "cpu", "--seed", "5", "--no-progress"]
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     r = CliRunner().invoke(cli, ["distill", "--out", str(one), *args])
     assert r.exit_code == 0, r.output

@@ -97,6 +97,13 @@ def test_shift_flip_batch_moves_each_image_by_its_drawn_offsets_with_edges_repea
                 for j in range(7):   # pixel (i, j) reads (i + dy - 2, j + dx - 2), clamped into the image
                     ii, jj = min(max(i + int(dy[b]) - 2, 0), 4), min(max(j + int(dx[b]) - 2, 0), 6)
                     assert torch.equal(out[b, :, i, j], src[:, ii, jj])
+    # a rank's slice (torchrun) gets its positions' moves of the global batch: the slices make up the 1-process batch
+    whole = shift_flip_batch(x, torch.Generator().manual_seed(7), shift=2, flip=True)
+    for pairs in (False, True):
+        parts = [shard_batch(range(6), r, 2 if pairs else 4, pairs) for r in range(2 if pairs else 4)]
+        for pos in parts:
+            torch.testing.assert_close(shift_flip_batch(x[pos], torch.Generator().manual_seed(7), 2, True, 6, pos),
+                                       whole[pos], rtol=0, atol=0)
     # off, it is the identity and draws nothing; shift alone draws only the offsets
     g = torch.Generator().manual_seed(1)
     assert torch.equal(shift_flip_batch(x, g), x) and torch.equal(g.get_state(), torch.Generator().manual_seed(1)

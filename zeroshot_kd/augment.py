@@ -29,33 +29,40 @@ CUDA see the same mixing.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 __all__ = ["mixup_batch", "shift_flip_batch"]
 
 
-def shift_flip_batch(x: torch.Tensor, generator: torch.Generator, shift: int = 0,
-                     flip: bool = False) -> torch.Tensor:
+def shift_flip_batch(x: torch.Tensor, generator: torch.Generator, shift: int = 0, flip: bool = False,
+                     global_size: int | None = None, positions: Sequence[int] | None = None) -> torch.Tensor:
     """Translate each image by up to ``shift`` pixels and, with ``flip``, mirror it with probability 1/2.
 
     Args:
         x: ``(B, C, H, W)`` images.
-        generator: CPU generator; ``B`` flip draws (when ``flip``), then ``B`` row and ``B`` column offsets in
-            ``[0, 2 shift]`` (when ``shift``), so CPU and CUDA see the same moves.
+        generator: CPU generator; ``N`` flip draws (when ``flip``), then ``N`` row and ``N`` column offsets in
+            ``[0, 2 shift]`` (when ``shift``), ``N = global_size or B``, so CPU and CUDA see the same moves.
         shift: largest translation in pixels along each axis (0: none); the uncovered border repeats the edge.
         flip: mirror left-right with probability 1/2.
+        global_size, positions: ``x`` holds the images at ``positions`` of a batch of ``global_size`` (a rank's
+            slice under torchrun): the draws are made for the whole batch and each image gets its position's, so
+            the slices together are moved exactly as the 1-process batch.
 
     Returns:
         The moved images: ``out[b, :, i, j] = x_f[b, :, clamp(i + dy_b - shift), clamp(j + dx_b - shift)]`` where
         ``x_f`` is ``x`` with the drawn images mirrored.
     """
     b, _, h, w = x.shape
+    n = b if global_size is None else global_size
+    take = torch.arange(b) if positions is None else torch.as_tensor(list(positions), dtype=torch.long)
     if flip:
-        mirrored = (torch.rand(b, generator=generator) < 0.5).to(x.device).view(-1, 1, 1, 1)
+        mirrored = (torch.rand(n, generator=generator)[take] < 0.5).to(x.device).view(-1, 1, 1, 1)
         x = torch.where(mirrored, x.flip(-1), x)
     if shift:
-        dy = torch.randint(0, 2 * shift + 1, (b,), generator=generator).to(x.device)
-        dx = torch.randint(0, 2 * shift + 1, (b,), generator=generator).to(x.device)
+        dy = torch.randint(0, 2 * shift + 1, (n,), generator=generator)[take].to(x.device)
+        dx = torch.randint(0, 2 * shift + 1, (n,), generator=generator)[take].to(x.device)
         # one gather through clamped row/column indices: the replicate-padded crop without padding
         rows = (torch.arange(h, device=x.device) + dy[:, None] - shift).clamp(0, h - 1)  # (B, H)
         cols = (torch.arange(w, device=x.device) + dx[:, None] - shift).clamp(0, w - 1)  # (B, W)

@@ -14,12 +14,13 @@ gradient of the global batch mean, as in the 1-process run, also when ``B`` is n
 Logged terms are all-reduced the same way; rank 0 alone evaluates, writes metrics and checkpoints.
 
 Equality with 1 process (to float tolerance) holds for objectives that are means of per-sample terms (kd, ce, ls,
-tfkd-*, ofd, fsp, ifm, ...). Batch-relational objectives (rkd, sp, pkt, cskd's pairs, bss's attacked subset, kdcl's
-ensemble) see each rank's slice as their batch, as in any DDP training. BatchNorm in train mode normalizes with the
-batch's statistics: on CUDA the student's BatchNorm layers become :class:`~torch.nn.SyncBatchNorm` (global-batch
-statistics, ``sync_bn=True``); PyTorch has no SyncBatchNorm on CPU, so there BN in train mode uses each rank's slice
-(a warning says so) unless ``freeze_bn`` keeps the student in eval mode, where BN uses its running statistics and
-sharding changes nothing.
+tfkd-*, ofd, fsp, ifm, ...), with ``shift`` / ``flip`` too (their moves are drawn for the global batch); ``mixup``
+pairs images within each rank's slice. Batch-relational objectives (rkd, sp, pkt, cskd's pairs, bss's attacked
+subset, kdcl's ensemble) see each rank's slice as their batch, as in any DDP training. BatchNorm in train mode
+normalizes with the batch's statistics: on CUDA the student's BatchNorm layers become
+:class:`~torch.nn.SyncBatchNorm` (global-batch statistics, ``sync_bn=True``); PyTorch has no SyncBatchNorm on CPU,
+so there BN in train mode uses each rank's slice (a warning says so) unless ``freeze_bn`` keeps the student in eval
+mode, where BN uses its running statistics and sharding changes nothing.
 
 Determinism: the batch order and the global RNG derive from ``(seed, epoch)`` through
 :func:`zeroshot_kd.runtime.batch_generator` / :func:`~zeroshot_kd.runtime.batch_seed`, never from the rank; metrics
@@ -423,8 +424,10 @@ def train_student(
                     if step >= total_steps:
                         break
                     x, y = x.to(device, non_blocking=True), torch.as_tensor(y).long().to(device)
-                    if cfg.shift or cfg.flip:
-                        x = shift_flip_batch(x, batch_generator(cfg.seed, step, f"{tag}-shift"), cfg.shift, cfg.flip)
+                    if cfg.shift or cfg.flip:  # drawn for the global batch: a rank moves its slice as 1 process
+                        where = shard_batch(range(len(gb)), rank, world, pairs) if world > 1 else None
+                        x = shift_flip_batch(x, batch_generator(cfg.seed, step, f"{tag}-shift"), cfg.shift, cfg.flip,
+                                             len(gb), where)
                     if cfg.mixup:
                         x, y = mixup_batch(x, y, batch_generator(cfg.seed, step, f"{tag}-mixup"))
                     b_global = len(gb) // 2 if pairs else len(gb)

@@ -101,8 +101,7 @@ def finetune(student: nn.Module, teacher: nn.Module, data: Dataset, steps: int,
              scale_lr: float | None = None, objective_lr: float = CONNECTOR_LR, batch_size: int = 32, seed: int = 0,
              device: torch.device | str = "cpu", precision: str = "fp32", temperature: float = DEFAULT_TEMPERATURE,
              spec: Any = None, mixup: bool = True, shift: int = 0, flip: bool = False, drop_prob: float = 1.0,
-             progress: bool = True,
-             log_every: int = 50) -> list[dict[str, Any]]:
+             progress: bool = True, log_every: int = 50) -> list[dict[str, Any]]:
     """Fine-tune ``student`` towards ``teacher`` for ``steps`` optimizer steps on ``data``, in place.
 
     Args:
