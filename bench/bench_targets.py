@@ -74,7 +74,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "+ KD 4000 @3e-4, QDrop 0.5, shift 2, flip": {"finetune_steps": 4000, "lr": 3e-4, "finetune_drop": 0.5,
                                                   "finetune_shift": 2, "finetune_flip": True},
 }
-#: run unless ``--settings`` names others (the --w-asym and QDrop columns are their own runs in run_all)
+#: run unless ``--settings`` names others (the --w-asym, QDrop and shift/flip columns are their own runs in run_all)
 DEFAULT_SETTINGS = [s for s in SETTINGS if "--w-asym" not in s and "QDrop" not in s and "shift" not in s]
 IMAGES = 1024
 EVAL_IMAGES = 10000
