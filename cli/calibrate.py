@@ -18,10 +18,10 @@ from .common import (config_options, device_option, echo, emit_json, handle_erro
 EXAMPLES = """
 \b
 Examples:
-  # W4A4 PTQ of the shipped teacher on DeepInversion shards, accuracy on the real test set
+  # W4A4 student of the shipped teacher on DeepInversion shards (ranges + reconstruction), real test accuracy
   zkd calibrate --data synth/di --bits 4 --out w4a4.pt --eval-data fashion-mnist:test
-  # + block reconstruction (AdaRound/QDrop) and 500 steps of KD fine-tuning
-  zkd calibrate --data synth/di --bits 4 --recon --finetune-steps 500 --out w4a4r.pt
+  # + 4000 steps of KD fine-tuning after the reconstruction
+  zkd calibrate --data synth/di --bits 4 --finetune-steps 4000 --out w4a4r.pt
   # everything at 4 bits, including the first and last layers and the network input
   zkd calibrate --data synth/bns --bits 4 --keep-8bit none --out all4.pt
 """
