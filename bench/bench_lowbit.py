@@ -58,7 +58,7 @@ from zeroshot_kd import load_teacher, synthesize  # noqa: E402
 from zeroshot_kd.data import make_dataset  # noqa: E402
 from zeroshot_kd.evaluate import evaluate_model  # noqa: E402
 from zeroshot_kd.io import atomic_torch_save, atomic_write_json  # noqa: E402
-from zeroshot_kd.quant.finetune import finetune, finetune_objectives  # noqa: E402
+from zeroshot_kd.quant.finetuning import finetune, finetune_objectives  # noqa: E402
 from zeroshot_kd.quant.modules import QuantConfig, quant_layers  # noqa: E402
 from zeroshot_kd.quant.pipeline import CalibrationOptions, calibrate_student  # noqa: E402
 from zeroshot_kd.quant.recon import ReconConfig, reconstruct  # noqa: E402

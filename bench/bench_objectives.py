@@ -3,7 +3,7 @@
 1. **W3A3 fine-tuning**: one calibrated W3A3 student (the calibration defaults without reconstruction, first/last
    layer 8-bit; at W4A4 this teacher's calibrated student is within 0.1 of FP32 and fine-tuning has nothing to
    recover) is fine-tuned for ``FT_STEPS`` steps with ``kd`` alone and with ``kd`` + each feature/relation
-   objective (default weights), through ``zeroshot_kd.quant.finetune.finetune`` (the one training loop; connectors in
+   objective (default weights), through ``zeroshot_kd.quant.finetuning.finetune`` (the one training loop; connectors in
    the same Adam at ``CONNECTOR_LR``). Real Fashion-MNIST
    test accuracy before and after.
 2. **FP student distillation**: a CIFAR ResNet-8 of width 8 (78k parameters; the teacher is ResNet-14 width 16,
@@ -60,7 +60,7 @@ def evaluate(model, teacher, data, device) -> dict:
 
 
 def quant_section(teacher, data: str, test, device) -> tuple[str, list[list[object]]]:
-    from zeroshot_kd.quant.finetune import finetune
+    from zeroshot_kd.quant.finetuning import finetune
     from zeroshot_kd.quant.modules import QuantConfig
     from zeroshot_kd.quant.pipeline import CalibrationOptions, calibrate_student
     from torch.utils.data import TensorDataset

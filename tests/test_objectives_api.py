@@ -154,7 +154,7 @@ def test_runner_reruns_the_teacher_when_its_features_are_stale():
 
 
 def test_calibrate_fine_tuning_rejects_loop_only_objectives():
-    from zeroshot_kd.quant.finetune import finetune_objectives
+    from zeroshot_kd.quant.finetuning import finetune_objectives
 
     for spec in ("cskd", "kdcl"):
         with pytest.raises(ZkdError, match="zkd distill"):

@@ -14,7 +14,7 @@ from zeroshot_kd.data import FASHION_MNIST_SPEC, make_dataset
 from zeroshot_kd.errors import ZkdError
 from zeroshot_kd.objectives import Objective, ObjectiveSet, build
 from zeroshot_kd.objectives.base import KDBatch
-from zeroshot_kd.quant.finetune import finetune
+from zeroshot_kd.quant.finetuning import finetune
 from zeroshot_kd.quant.modules import QuantConfig, quant_layers
 from zeroshot_kd.quant.pipeline import RECON_DEFAULT_ITERS, CalibrationOptions, calibrate_student, recon_by_default
 from zeroshot_kd.quant.fakequant import FakeQuantizer
@@ -40,7 +40,8 @@ def run(teacher, config, **kw):
     opts = dict(data="gaussian:48", num_images=32, holdout=16, batch_size=16, candidates=20, progress=False,
                 recon=False)
     opts.update(kw)
-    return calibrate_student(teacher, config, CalibrationOptions(**opts), torch.device("cpu"))
+    # a device name works as well as a torch.device
+    return calibrate_student(teacher, config, CalibrationOptions(**opts), "cpu")
 
 
 def test_save_load_bit_exact_and_codes(tmp_path, small_teacher):

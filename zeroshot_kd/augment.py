@@ -7,7 +7,7 @@ student learns the teacher's function on more inputs, not a label. Off by defaul
 ``zkd distill`` section): a student trained from scratch (cifar-resnet:8x8, 2048 real Fashion-MNIST images) gains
 0.7-1.0 points at 60 epochs (seeds 0 / 1) and loses 2-4 at 15 (it has not fitted the plain images yet); in
 ``zkd calibrate``'s fine-tuning on synthetic images the change is within the seed spread, and on real images it
-costs (MobileNetV2 W4A4 90.55 -> 90.24; :mod:`zeroshot_kd.quant.finetune`).
+costs (MobileNetV2 W4A4 90.55 -> 90.24; :mod:`zeroshot_kd.quant.finetuning`).
 
 **Mixup** (:func:`mixup_batch`):
 Each image of a batch is mixed with a partner from the same batch, ``x' = lam x + (1 - lam) x[perm]`` with a

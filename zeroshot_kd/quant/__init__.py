@@ -2,7 +2,7 @@
 KD fine-tuning, student files and reports (``zkd calibrate``)."""
 
 from .fakequant import FakeQuantizer, int_range, sqnr_db
-from .finetune import finetune
+from .finetuning import finetune
 from .fold import fold_bn
 from .modules import LayerConfig, QuantConfig, QuantConv2d, QuantLinear, quant_layers, quantize_model
 from .student import load_student, save_student

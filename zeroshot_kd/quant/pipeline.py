@@ -15,7 +15,7 @@ Steps:
 4. Optional ``recon`` (block reconstruction with AdaRound + learned activation steps, QDrop; on by default at
    <= 4 bits) on the fitting images, kept only if it lowers the validation KL (``recon_check``); and/or
    ``finetune_steps`` of KD fine-tuning (weights + activation steps, default ``T^2``-scaled KL at T = 4) through the
-   one training loop (:func:`zeroshot_kd.quant.finetune.finetune`) on the fitting images, kept only if it lowers
+   one training loop (:func:`zeroshot_kd.quant.finetuning.finetune`) on the fitting images, kept only if it lowers
    the validation KL too (``finetune_check``).
 5. Report: per-layer table, teacher-student agreement/KL on held-out images (when ``--data`` has no images beyond
    the calibration set, on calibration images, and then labelled "calibration-set agreement (no held-out
@@ -43,7 +43,7 @@ from ..objectives import ObjectiveSet
 from ..shards import read_manifest
 from ..similarity import PREDICTOR, compute_signature, score_forms, teacher_signature, verdict
 from .calibrate import ACT_METHODS, calibrate_activations, calibrate_weights
-from .finetune import DEFAULT_TEMPERATURE, finetune, finetune_objectives
+from .finetuning import DEFAULT_TEMPERATURE, finetune, finetune_objectives
 from .fold import find_conv_bn_pairs, fold_bn
 from .modules import LayerConfig, QuantConfig, check_supported, quantize_model
 from .ranges import NEW_ACT_METHODS, calibrate_act_ranges, calibrate_activations_auto
@@ -218,7 +218,7 @@ def _batches(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [x[i:i + batch_size] for i in range(0, x.shape[0], batch_size)]
 
 
-def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOptions, device: torch.device,
+def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOptions, device: torch.device | str,
                       objectives: Sequence[str] | ObjectiveSet | None = None) -> CalibrationResult:
     """Build, calibrate and optionally reconstruct / fine-tune a fake-quantized student of ``teacher``.
 
@@ -226,12 +226,13 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
         teacher: a :class:`~zeroshot_kd.teachers.Teacher` (model, spec, provenance); it is not modified.
         config: bits, grids and the 8-bit convention.
         opts: data, range-search methods, reconstruction and fine-tuning settings.
-        device: where to run.
+        device: where to run (a device or its name, e.g. ``"cpu"``, ``"cuda:0"``).
         objectives: fine-tuning objectives (spec strings or an ObjectiveSet); default ``kd:T=opts.temperature``.
 
     Returns:
         The student (eval mode), its float folded reference, per-layer configs, folded pairs and the report dict.
     """
+    device = torch.device(device)
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     objset = finetune_objectives(objectives, opts.temperature) if opts.finetune_steps > 0 else None
