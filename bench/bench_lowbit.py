@@ -13,12 +13,19 @@ Columns, each top-1 on real Fashion-MNIST test images after a calibration with t
 * ``default calibrate``: ``zkd calibrate``'s defaults (the guard, GENIE-M reconstruction at <= 4 bits with the
   rounding rate of ``round_lr``, the reconstruction check); ``calibrate, lr 1e-3``: the same with the rounding rate
   pinned to the papers' 1e-3 (the default before);
+* ``calibrate, probe 500``: ``zkd calibrate``'s defaults with ``--probe-iterations 500`` (the guard and the
+  reconstruction check score on a BN probe synthesized for 500 steps);
 * ``+ recon (qdrop)`` / ``+ recon (genie)``: the default PTQ student followed by block reconstruction,
   ``--recon-iters`` steps/block and the pipeline's other recon defaults, in the two modes: AdaRound + LSQ
   activation steps + QDrop (``--recon-mode qdrop``) and GENIE-M (weight step sizes learned jointly with the
   rounding, ``--recon-mode genie``);
 * ``+ KD fine-tune``: the ``+ recon (genie)`` student followed by ``--finetune-steps`` of KD fine-tuning (T^2 KL at T = 4,
   LSQ step sizes + weights, the calibration images; the pipeline's defaults), W3A3 and every-layer W4A4 only;
+* ``PTQ, validated on di@1000``: the default PTQ with ``--validation-data``: the guard scores its candidates on 256
+  images of a 1024-image deepinversion shard set at 1000 steps (``bench_recon``'s cached set) instead of the
+  held-out quarter and the 50-step BN probe, and fits on all calibration images;
+* ``PTQ, probe 500``: the default PTQ with ``--probe-iterations 500`` (the BN probe synthesized for 500 steps,
+  not 50);
 * ``mixed @ uniform size``: the default PTQ with per-layer weight bits from {2,3,4,6,8} (ZeroQ sensitivity, DP
   allocation) at the weight size of the uniform student.
 
@@ -73,7 +80,11 @@ RECON_COLUMNS = {"+ recon (qdrop)": "qdrop", "+ recon (genie)": "genie"}
 DEFAULT_COLUMN = "default calibrate"
 # zkd calibrate's defaults with the rounding learning rate pinned to the papers' 1e-3 (the default before round_lr)
 LR_COLUMNS = {"calibrate, lr 1e-3": 1e-3}
-COLUMNS = (PTQ_COLUMNS + [DEFAULT_COLUMN] + list(LR_COLUMNS) + list(RECON_COLUMNS)
+PROBE_DEFAULT_COLUMNS = {"calibrate, probe 500": 500}
+VALIDATED_COLUMN = "PTQ, validated on di@1000"
+PROBE_COLUMNS = {"PTQ, probe 500": 500}
+COLUMNS = (PTQ_COLUMNS + [VALIDATED_COLUMN, *PROBE_COLUMNS, DEFAULT_COLUMN] + list(LR_COLUMNS)
+           + list(PROBE_DEFAULT_COLUMNS) + list(RECON_COLUMNS)
            + ["+ KD fine-tune", "mixed @ uniform size"])
 BEFORE_COLUMNS = ("default PTQ", "default calibrate")  # read from --before, a results json of an earlier run
 SHARD_METHODS = {"inception": {}, "bns": {}, "deepinversion": {"bn_weight": 0.1}}
@@ -203,13 +214,30 @@ class Bench:
             self.record(tname, source, label, "default PTQ", res.student, sec, chosen=res.report["ranges"]["chosen"],
                         kl=res.report["ranges"]["kl_by_candidate"])
 
+    def validated(self, tname: str, source: str, setting: tuple) -> None:
+        """The default PTQ scored on well-synthesized validation images (``--validation-data``) or on a longer-synthesized
+        BN probe (``--probe-iterations``)."""
+        from bench_recon import data_source  # the 1000-step shard sets, cached once (imported here: it imports us)
+
+        if self.cached(tname, source, setting[0], VALIDATED_COLUMN) is None:
+            res, sec = self.calibrate(tname, source, setting, validation_data=data_source("deepinversion@1000", 1024,
+                                                                                           tname))
+            self.record(tname, source, setting[0], VALIDATED_COLUMN, res.student, sec,
+                        chosen=res.report["ranges"]["chosen"], kl=res.report["ranges"]["kl_by_candidate"])
+        for col, iters in PROBE_COLUMNS.items():
+            if self.cached(tname, source, setting[0], col) is None:
+                res, sec = self.calibrate(tname, source, setting, probe_iterations=iters)
+                self.record(tname, source, setting[0], col, res.student, sec, chosen=res.report["ranges"]["chosen"],
+                            kl=res.report["ranges"]["kl_by_candidate"])
+
     def default(self, tname: str, source: str, setting: tuple) -> None:
         """What ``zkd calibrate`` does by default: the guard, GENIE-M reconstruction (<= 4 bits) and its check."""
-        for col, lr in {DEFAULT_COLUMN: None, **LR_COLUMNS}.items():
+        runs = {DEFAULT_COLUMN: {}, **{c: {"recon_lr": lr} for c, lr in LR_COLUMNS.items()},
+                **{c: {"probe_iterations": n} for c, n in PROBE_DEFAULT_COLUMNS.items()}}
+        for col, kw in runs.items():
             if self.cached(tname, source, setting[0], col) is not None:
                 continue
-            res, sec = self.calibrate(tname, source, setting, recon=None, recon_iters=self.args.recon_iters,
-                                      recon_lr=lr)
+            res, sec = self.calibrate(tname, source, setting, recon=None, recon_iters=self.args.recon_iters, **kw)
             rec = res.report["settings"].get("reconstruction") or {}
             self.record(tname, source, setting[0], col, res.student, sec, chosen=res.report["ranges"]["chosen"],
                         recon_check=res.report["recon_check"], lr_round=rec.get("lr_round"),
@@ -299,7 +327,10 @@ def tables(bench: Bench, args: argparse.Namespace) -> None:
              "guard (`--a-method auto`, `--no-recon`); `default calibrate` = `zkd calibrate`'s defaults (the guard, "
              "then GENIE-M reconstruction at <= 4 bits with the rounding rate 1e-3 * sqrt(20000 / steps), kept "
              "only if it lowers the validation KL: `recon kept`); `calibrate, lr 1e-3` = the same with the rounding "
-             "rate pinned to the papers' 1e-3 (the default before). "
+             "rate pinned to the papers' 1e-3 (the default before); `PTQ, validated on di@1000` = the default PTQ "
+             "scored on 256 images of a 1000-step deepinversion shard set (`--validation-data`) instead of the "
+             "held-out quarter and the BN probe; `PTQ, probe 500` / `calibrate, probe 500` = the default PTQ / "
+             "calibrate with the BN probe synthesized for 500 steps (`--probe-iterations 500`) instead of 50. "
              "`chosen` = the candidate the guard kept (`+cle+bc` = with equalization and bias correction, `naive` = "
              "min/max weights and activations). Seconds = the whole calibration run on a shared "
              "2-core CPU, 1 thread (evaluation excluded; + recon / + KD fine-tune include the PTQ before them). "
@@ -355,7 +386,8 @@ def main() -> None:
     ap.add_argument("--finetune-steps", type=int, default=100)
     ap.add_argument("--shard-iterations", type=int, default=50)
     ap.add_argument("--settings", default="", help="comma list of setting labels, in run order [default: all]")
-    ap.add_argument("--phases", default="ptq,default,recon,mixed", help="comma list of ptq, default, recon, mixed")
+    ap.add_argument("--phases", default="ptq,validated,default,recon,mixed",
+                    help="comma list of ptq, validated, default, recon, mixed")
     ap.add_argument("--before", default="", help="results json of an earlier run: its default PTQ and genie "
                     "columns are shown beside this run's (e.g. bench/results/lowbit-before-validation.json)")
     ap.add_argument("--before-note", default="", help="what differed in the --before run (shown in the table text)")
@@ -367,8 +399,8 @@ def main() -> None:
     bench = Bench(args)
     if not args.table_only:
         for phase in args.phases.split(","):
-            step = {"ptq": bench.ptq, "default": bench.default, "recon": bench.recon_ft,
-                    "mixed": bench.mixed}[phase]
+            step = {"ptq": bench.ptq, "validated": bench.validated, "default": bench.default,
+                    "recon": bench.recon_ft, "mixed": bench.mixed}[phase]
             for tname, source, setting in grid(args):
                 step(tname, source, setting)
             tables(bench, args)

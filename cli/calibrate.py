@@ -24,6 +24,8 @@ Examples:
   zkd calibrate --data synth/di --bits 4 --finetune-steps 4000 --out w4a4r.pt
   # everything at 4 bits, including the first and last layers and the network input
   zkd calibrate --data synth/bns --bits 4 --keep-8bit none --out all4.pt
+  # the guard and the checks choose on a few real images (or full-length shards) instead of the BN probe
+  zkd calibrate --data synth/bns --bits 4 --validation-data folder:real-few/ --out v.pt
 """
 
 bits_type = int  # validated below, so a bad value gets zkd's one-line error
@@ -31,7 +33,7 @@ bits_type = int  # validated below, so a bad value gets zkd's one-line error
 # CalibrationOptions fields shown after the quantization options, in --help order (flags/help/defaults on the fields)
 _ORDER = ["w_method", "a_method", "equalize", "relu6", "equalize_criterion", "bias_correction",
           "bias_correction_mode", "absorb_bias", "mixed_precision", "size_budget", "lp_p", "candidates", "percentile",
-          "act_images", "probe_images", "batch_size", "recon", "recon_iters", "recon_images", "recon_check",
+          "act_images", "probe_images", "probe_iterations", "validation_data", "validation_images", "batch_size", "recon", "recon_iters", "recon_images", "recon_check",
           "recon_drop", "recon_lambda", "recon_mode", "recon_lr", "finetune_steps", "lr", "scale_lr", "temperature",
           "finetune_check", "finetune_mixup", "finetune_shift", "finetune_flip", "finetune_drop"]
 
@@ -119,7 +121,7 @@ def command(bits: int, w_bits: int | None, a_bits: int | None, w_asym: bool, kee
     ranges, check = result.report["ranges"], result.report.get("recon_check")
     if ranges.get("kl_by_candidate"):
         echo(f"ranges: kept {ranges['chosen']} (lowest validation KL of {len(ranges['kl_by_candidate'])} candidates, "
-             f"{ranges['held_out_images']} held-out + {ranges['probe_images']} BN-probe images)")
+             f"{ranges['images']})")
     rate = rounding_rate_line(result.report)
     if rate:
         echo("reconstruction: " + rate[0].lower() + rate[1:])

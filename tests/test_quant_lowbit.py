@@ -226,6 +226,43 @@ def test_pipeline_equalize_mixed_student_reloads_bit_exact(tmp_path):
     assert [lc.w_bits for _, lc in res.layers.items()] == [l.wq.bits for _, l in quant_layers(loaded)]
 
 
+def test_validation_data_replaces_held_out_quarter_and_probe():
+    """With --validation-data the guard scores on those images alone (its KL is the student's KL there, computed
+    directly), every calibration image fits, and the --data source itself is refused."""
+    from zeroshot_kd.data import make_dataset
+
+    net = Chain().eval().requires_grad_(False)
+    teacher = Teacher(net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(net))
+    opts = CalibrationOptions(data="gaussian:32", num_images=32, holdout=0, batch_size=16, candidates=10,
+                              validation_data="gaussian:24", validation_images=24, recon=False, progress=False)
+    res = calibrate_student(teacher, QuantConfig(4, 4), opts, "cpu")
+    ranges = res.report["ranges"]
+    assert ranges["fit_images"] == 32 and ranges["kl_images"] == 24 and ranges["probe_images"] == 0
+    assert ranges["validation_data"] == "gaussian:24" and "24 images of --validation-data" in ranges["images"]
+    val = make_dataset("gaussian:24", FASHION_MNIST_SPEC, num_images=24, seed=opts.seed + 2)
+    x = torch.stack([val[i][0] for i in range(24)])
+    assert ranges["kl_by_candidate"][ranges["chosen"]] == pytest.approx(_kl_to(res.student, net, x), rel=1e-4)
+    with pytest.raises(ZkdError, match="validation-data is the --data source"):
+        CalibrationOptions(data="gaussian:32", validation_data="gaussian:32")
+
+
+def test_cli_validation_data(tmp_path):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    base = ["calibrate", "--teacher", "fmnist_mobilenetv2", "--data", "gaussian:32", "--num-images", "32",
+            "--holdout", "0", "--candidates", "10", "--batch-size", "16", "--no-recon", "--device", "cpu"]
+    r = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "bad.pt"), "--validation-data", "gaussian:32"])
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("zkd: error:")]
+    assert r.exit_code == 2 and len(errors) == 1 and "is the --data source" in errors[0], r.output
+    assert not (tmp_path / "bad.pt").exists()
+    r = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "s.pt"), "--validation-data", "gaussian:16",
+                                        "--validation-images", "16"])
+    assert r.exit_code == 0, r.output
+    assert "16 images of --validation-data gaussian:16" in r.output
+
+
 def test_activation_criterion_equalizes_activation_and_weight_ranges():
     """With measured activations: a_i / s_i == r2_i * s_i after one sweep of a single pair."""
     net = Chain().eval()
@@ -402,6 +439,8 @@ def test_bn_probe_matches_bn_statistics_and_is_seeded():
 
     noise = FASHION_MNIST_SPEC.clamp(torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(5)))
     assert bns(a) < 0.75 * bns(noise)  # 50 steps on this random net: 27680 -> 17721
+    longer = bn_probe(teacher, 16, 0, cpu, iterations=200)  # --probe-iterations: the same start, more steps
+    assert bns(longer) < 0.9 * bns(a)
     plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LazyLinear(10))
     plain(torch.zeros(1, 1, 28, 28))
     assert bn_probe(Teacher(plain, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(plain)), 16, 0, cpu) is None

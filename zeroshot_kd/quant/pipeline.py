@@ -52,7 +52,7 @@ from .equalize import (BIAS_CORRECTION_MODES, EQUALIZE_CRITERIA, RELU6_MODES, ab
                        bn_stats, correct_bias, correct_bias_analytic, equalize)
 from .mixed import choose_bits
 from .report import CALIBRATION_SET_AGREEMENT, global_metrics, layer_report
-from .validation import Validation, bn_probe, guard_split, make_validation
+from .validation import PROBE_ITERATIONS, Validation, bn_probe, guard_split, make_validation
 
 __all__ = ["GUARD_METHODS", "RECON_DEFAULT_ITERS", "CalibrationOptions", "CalibrationResult", "calibrate_student",
            "calibration_fit", "check_data_teacher", "data_kind", "guard_split", "recon_by_default"]
@@ -130,6 +130,14 @@ class CalibrationOptions(Config):
     probe_images: int = option(64, "Validation images synthesized from the teacher's BN statistics (BNS-KL, 50 "
                                "steps), pooled with the held-out quarter of the calibration images to score the "
                                "guard's candidates and the reconstruction check (0 = held-out images only).", min=0)
+    probe_iterations: int = option(PROBE_ITERATIONS, "Adam steps of the BN probe's synthesis (more: images closer "
+                                   "to the teacher's training data, at that many teacher forward+backward passes "
+                                   "of one --probe-images batch).", min=1)
+    validation_data: str | None = option(None, "Score the guard and the checks on these images alone (a few real "
+                                         "images, or shards synthesized at full length) instead of the held-out "
+                                         "quarter and the BN probe; every --data image then fits.",
+                                         metavar="SOURCE")
+    validation_images: int = option(256, "Images of --validation-data used (a seeded sample).", min=1)
     recon_mode: str = option("genie", "qdrop: AdaRound at the calibrated weight steps + LSQ activation steps, "
                              "QDrop; genie: GENIE-M, also learns the per-channel weight steps jointly with the "
                              "rounding.", choices=RECON_MODES)
@@ -176,7 +184,10 @@ class CalibrationOptions(Config):
 
     def __post_init__(self) -> None:
         self.check_fields()
-        require([(self.size_budget is None or self.mixed_precision, "--size-budget needs --mixed-precision")])
+        require([(self.size_budget is None or self.mixed_precision, "--size-budget needs --mixed-precision"),
+                 (self.validation_data is None or self.validation_data != self.data,
+                  "--validation-data is the --data source: validation images must be images the calibration does "
+                  "not fit; pass other images (a few real ones, or another shard set)")])
 
 
 @dataclass
@@ -251,15 +262,25 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
 
     do_recon = bool(opts.recon if opts.recon is not None else recon_by_default(config)) and opts.recon_iters > 0
     t = time.perf_counter()
-    # The guard and the reconstruction check judge on images that fit nothing: the last quarter plus the BN probe.
+    # The guard and the checks judge on images that fit nothing: --validation-data, else the last quarter plus the
+    # BN probe.
     validation: Validation | None = None
     fit_x = cal_x
     do_finetune = opts.finetune_steps > 0
-    if opts.a_method == "auto" or (do_recon and opts.recon_check) or (do_finetune and opts.finetune_check):
+    needs_validation = (opts.a_method == "auto" or (do_recon and opts.recon_check)
+                        or (do_finetune and opts.finetune_check))
+    if needs_validation and opts.validation_data:
+        check_data_teacher(opts.validation_data, teacher)
+        val_x, _ = _stack(make_dataset(opts.validation_data, teacher.spec, num_images=opts.validation_images,
+                                       seed=opts.seed + 2, verify=opts.verify))
+        validation = make_validation(teacher, val_x, None, device, opts.precision, source=opts.validation_data)
+        timing["validation_probe"] = time.perf_counter() - t
+    elif needs_validation:
         n_held = guard_split(n_cal)
         fit_x, held_x = (cal_x[: n_cal - n_held], cal_x[n_cal - n_held:]) if n_held else (cal_x, cal_x)
-        probe = bn_probe(teacher, opts.probe_images, opts.seed, device)
-        validation = make_validation(teacher, held_x, probe, device, opts.precision, held_out=n_held > 0)
+        probe = bn_probe(teacher, opts.probe_images, opts.seed, device, opts.probe_iterations)
+        validation = make_validation(teacher, held_x, probe, device, opts.precision, held_out=n_held > 0,
+                                     probe_iterations=opts.probe_iterations)
         timing["validation_probe"] = time.perf_counter() - t
     t = time.perf_counter()
     act_x = fit_x[: opts.act_images or fit_x.shape[0]]

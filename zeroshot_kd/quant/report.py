@@ -204,8 +204,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     ranges = report.get("ranges") or {}
     if ranges.get("kl_by_candidate"):
         lines += ["", f"## Range guard: kept `{ranges['chosen']}`", "",
-                  f"KL(teacher || student) on {ranges['kl_images']} validation images ({ranges['held_out_images']} "
-                  f"{ranges['kl_split']}, {ranges['probe_images']} BN probe); lowest wins.", "",
+                  f"KL(teacher || student) on the validation images ({ranges['images']}); lowest wins.", "",
                   "| candidate | KL |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v, 5)} |" for k, v in sorted(ranges["kl_by_candidate"].items(), key=lambda kv: kv[1])]
     if report.get("recon"):

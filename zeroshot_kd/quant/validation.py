@@ -44,8 +44,10 @@ def guard_split(n: int) -> int:
     return n // 4 if n >= 8 else 0
 
 
-def bn_probe(teacher: Any, num_images: int, seed: int, device: torch.device) -> torch.Tensor | None:
-    """``num_images`` images matched to ``teacher``'s BN statistics (one BNS batch), or None without BN layers.
+def bn_probe(teacher: Any, num_images: int, seed: int, device: torch.device,
+             iterations: int = PROBE_ITERATIONS) -> torch.Tensor | None:
+    """``num_images`` images matched to ``teacher``'s BN statistics (one BNS batch of ``iterations`` Adam steps), or
+    None without BN layers.
 
     Deterministic in ``seed`` (the synthesis engine's per-batch generator, salted so that the probe is not batch
     0 of a shard set synthesized with the same seed).
@@ -55,7 +57,7 @@ def bn_probe(teacher: Any, num_images: int, seed: int, device: torch.device) -> 
     if num_images <= 0 or not bn_layers(teacher.model):
         return None
     method = get_method("bns")
-    hp = method.hyperparameters({"iterations": PROBE_ITERATIONS})
+    hp = method.hyperparameters({"iterations": iterations})
     cfg = SynthesisConfig("bns", num_images, num_images, batch_seed(seed, 0, "validation-probe"), "balanced", hp)
     return optimize_batch(teacher.model, teacher.spec, method, cfg, 0, device).images
 
@@ -69,6 +71,8 @@ class Validation:
     held_images: int
     probe_images: int
     held_out: bool = True  # False: fewer than 8 calibration images, the "held" part is the calibration set
+    source: str | None = None  # the --validation-data source, when the images are the user's, not held out
+    probe_iterations: int = PROBE_ITERATIONS
 
     @torch.no_grad()
     def score(self, model: nn.Module, device: torch.device, precision: str = "fp32") -> float:
@@ -76,20 +80,29 @@ class Validation:
         return logit_kl(model, self.batches, self.ref_logits, device, precision)
 
     def describe(self) -> dict[str, Any]:
+        if self.source is not None:
+            images = f"{self.held_images} images of --validation-data {self.source}"
+        else:
+            images = (f"{self.held_images} {'held-out' if self.held_out else 'calibration'} + {self.probe_images} "
+                      "BN-probe images")
         return {"held_out_images": self.held_images, "probe_images": self.probe_images,
-                "kl_split": "held-out" if self.held_out else "calibration (fewer than 8 images: no split)",
-                "probe": f"BNS-KL, {PROBE_ITERATIONS} steps" if self.probe_images else None,
-                "reference": "FP32 teacher"}
+                "kl_split": ("validation data" if self.source is not None else "held-out" if self.held_out
+                             else "calibration (fewer than 8 images: no split)"),
+                "probe": f"BNS-KL, {self.probe_iterations} steps" if self.probe_images else None,
+                "validation_data": self.source, "images": images, "reference": "FP32 teacher"}
 
 
 @torch.no_grad()
 def make_validation(teacher: Any, held: torch.Tensor, probe: torch.Tensor | None, device: torch.device,
-                    precision: str = "fp32", held_out: bool = True, batch_size: int = 128) -> Validation:
-    """The validation set of ``held`` (held-out calibration images) and ``probe`` (may be None)."""
+                    precision: str = "fp32", held_out: bool = True, batch_size: int = 128,
+                    source: str | None = None, probe_iterations: int = PROBE_ITERATIONS) -> Validation:
+    """The validation set of ``held`` (held-out calibration images, or the ``source`` images) and ``probe`` (may be
+    None)."""
     x = held if probe is None else torch.cat([held, probe.to(held.dtype)])
     batches = [x[i:i + batch_size] for i in range(0, x.shape[0], batch_size)]
     refs = []
     for b in batches:
         with autocast(device, precision):
             refs.append(teacher.model(b.to(device)).float())
-    return Validation(batches, refs, int(held.shape[0]), 0 if probe is None else int(probe.shape[0]), held_out)
+    return Validation(batches, refs, int(held.shape[0]), 0 if probe is None else int(probe.shape[0]), held_out,
+                      source, probe_iterations)
