@@ -215,8 +215,8 @@ class Bench:
                         kl=res.report["ranges"]["kl_by_candidate"])
 
     def validated(self, tname: str, source: str, setting: tuple) -> None:
-        """The default PTQ scored on well-synthesized validation images (``--validation-data``) or on a longer-synthesized
-        BN probe (``--probe-iterations``)."""
+        """The default PTQ scored on well-synthesized validation images (``--validation-data``) or on a
+        longer-synthesized BN probe (``--probe-iterations``)."""
         from bench_recon import data_source  # the 1000-step shard sets, cached once (imported here: it imports us)
 
         if self.cached(tname, source, setting[0], VALIDATED_COLUMN) is None:

@@ -127,9 +127,10 @@ class CalibrationOptions(Config):
                                  "(edges replicated; the teacher answers on the moved image); 0 = off.", min=0)
     finetune_flip: bool = option(False, "Mirror each fine-tuning image left-right with probability 1/2 (the "
                                  "teacher answers on the mirrored image).", kind="bool")
-    probe_images: int = option(64, "Validation images synthesized from the teacher's BN statistics (BNS-KL, 50 "
-                               "steps), pooled with the held-out quarter of the calibration images to score the "
-                               "guard's candidates and the reconstruction check (0 = held-out images only).", min=0)
+    probe_images: int = option(64, "Validation images synthesized from the teacher's BN statistics (BNS-KL, "
+                               "--probe-iterations steps), pooled with the held-out quarter of the calibration "
+                               "images to score the guard's candidates and the reconstruction check (0 = held-out "
+                               "images only).", min=0)
     probe_iterations: int = option(PROBE_ITERATIONS, "Adam steps of the BN probe's synthesis (more: images closer "
                                    "to the teacher's training data, at that many teacher forward+backward passes "
                                    "of one --probe-images batch).", min=1)

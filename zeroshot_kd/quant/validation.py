@@ -18,6 +18,11 @@ min/max gave 90.75 / 65.85; scored with 64 probe images it picks min/max (90.40 
 statistics are the one description of its training data that zkd always has, and images matched to them exercise
 the activation ranges that real data exercises. The two parts are pooled (one KL over all validation images), so
 neither source is trusted alone; teachers without BN layers get the held-out quarter only.
+
+Both parts are only as good as their images: on weak calibration data (Gaussian noise, 50-step shards) the
+held-out quarter and a 50-step probe ranked students wrongly where better images ranked them rightly
+(``docs/lowbit-results.md``). ``--probe-iterations`` synthesizes a longer probe, and ``--validation-data``
+replaces both parts by the user's images (:func:`make_validation` with ``source``).
 """
 
 from __future__ import annotations
