@@ -275,13 +275,13 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
         val_x, _ = _stack(make_dataset(opts.validation_data, teacher.spec, num_images=opts.validation_images,
                                        seed=opts.seed + 2, verify=opts.verify))
         validation = make_validation(teacher, val_x, None, device, opts.precision, source=opts.validation_data)
-        timing["validation_probe"] = time.perf_counter() - t
     elif needs_validation:
         n_held = guard_split(n_cal)
         fit_x, held_x = (cal_x[: n_cal - n_held], cal_x[n_cal - n_held:]) if n_held else (cal_x, cal_x)
         probe = bn_probe(teacher, opts.probe_images, opts.seed, device, opts.probe_iterations)
         validation = make_validation(teacher, held_x, probe, device, opts.precision, held_out=n_held > 0,
                                      probe_iterations=opts.probe_iterations)
+    if validation is not None:
         timing["validation_probe"] = time.perf_counter() - t
     t = time.perf_counter()
     act_x = fit_x[: opts.act_images or fit_x.shape[0]]
