@@ -5,11 +5,13 @@ For each (teacher, setting, calibration source) of the low-bit grid (``bench_low
 guard's seven candidates are built exactly as ``zkd calibrate`` builds them (``{mse, output, minmax} x {CLE + bias
 correction off, on}`` and ``naive``; ranges fitted on the first three quarters of the 256 calibration images) and
 each is measured three ways: top-1 on 2000 real Fashion-MNIST test images, ``KL(teacher || student)`` on the
-held-out quarter, and on the 64-image BN probe. Rules compared (lower score wins):
+held-out quarter, and on the 64-image BN probe (``--probe-iterations`` steps, default the pipeline's). Rules
+compared (lower score wins):
 
 * ``held``: held-out KL only (the guard before the probe);
-* ``probe``: probe KL only;
-* ``pooled``: KL over the union of both image sets (the image-count weighted mean; the shipped default);
+* ``probe``: probe KL only (the shipped default since the probe has 500 steps);
+* ``pooled``: KL over the union of both image sets (the image-count weighted mean; the default with the 50-step
+  probe);
 * ``max``: the larger of the two KLs (a candidate must be good on both);
 * ``relative``: mean of each KL divided by the smallest KL of its source over the candidates (scale-free).
 
@@ -46,7 +48,7 @@ from zeroshot_kd.quant.calibrate import calibrate_activations  # noqa: E402
 from zeroshot_kd.quant.modules import QuantConfig  # noqa: E402
 from zeroshot_kd.quant.pipeline import GUARD_METHODS, CalibrationOptions, _batches, _build_student  # noqa: E402
 from zeroshot_kd.quant.ranges import search_act_output  # noqa: E402
-from zeroshot_kd.quant.validation import bn_probe, guard_split, make_validation  # noqa: E402
+from zeroshot_kd.quant.validation import PROBE_ITERATIONS, bn_probe, guard_split, make_validation  # noqa: E402
 
 
 def rules(cands: dict[str, dict[str, float]]) -> dict[str, str]:
@@ -66,7 +68,7 @@ def rules(cands: dict[str, dict[str, float]]) -> dict[str, str]:
 
 def cell(tname: str, source: str, setting: tuple, args: argparse.Namespace, cache: dict) -> dict[str, Any]:
     key = hashlib.sha256(json.dumps([tname, source, setting[0], args.num_images, args.eval_images,
-                                     args.shard_iterations, 1]).encode()).hexdigest()[:16]
+                                     args.shard_iterations, args.probe_iterations, 2]).encode()).hexdigest()[:16]
     path = CACHE / "guard" / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -82,9 +84,9 @@ def cell(tname: str, source: str, setting: tuple, args: argparse.Namespace, cach
     n_held = guard_split(len(x))
     fit_x, held_x = x[: len(x) - n_held], x[len(x) - n_held:]
     opts = CalibrationOptions(data=data, num_images=args.num_images, progress=False)
-    probe = bn_probe(teacher, opts.probe_images, opts.seed, dev)
-    held_v = make_validation(teacher, held_x, None, dev)
-    probe_v = make_validation(teacher, probe, None, dev)
+    probe = bn_probe(teacher, opts.probe_images, opts.seed, dev, args.probe_iterations)
+    held_v = make_validation(teacher, held_x, "held-out", dev)
+    probe_v = make_validation(teacher, probe, "probe", dev)
     config = QuantConfig(w, a, keep_8bit=keep)
     fit_batches = _batches(fit_x, opts.batch_size)
     cands: dict[str, dict[str, float]] = {}
@@ -123,6 +125,7 @@ def main() -> None:
     ap.add_argument("--num-images", type=int, default=256)
     ap.add_argument("--eval-images", type=int, default=2000)
     ap.add_argument("--shard-iterations", type=int, default=50)
+    ap.add_argument("--probe-iterations", type=int, default=PROBE_ITERATIONS)
     ap.add_argument("--name", default="guard")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -157,6 +160,7 @@ def main() -> None:
         f"{len(results)} cells of the low-bit grid ({args.num_images} calibration images, ranges fitted on the first "
         f"three quarters; top-1 on {args.eval_images} real Fashion-MNIST test images). Each rule picks one of the "
         "guard's seven candidates by its KL to the teacher on the held-out quarter (`held`), on the 64-image BN probe "
+        f"at {args.probe_iterations} steps "
         "(`probe`), on both pooled (`pooled`), the larger of the two (`max`), or the sum of each relative to its "
         "best candidate (`relative`).", "",
         "## Summary", "",

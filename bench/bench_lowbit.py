@@ -8,13 +8,11 @@ Columns, each top-1 on real Fashion-MNIST test images after a calibration with t
   min/max activation ranges from the same calibration images, nothing searched;
 * ``old MSE PTQ``: Lp weight search + per-tensor MSE activation search, no pre-steps (the default before issue 11);
 * ``default PTQ``: today's default, the loss-aware guard (``--a-method auto``: {mse, output, minmax} x {CLE + bias
-  correction off, on}, lowest logit KL to the FP32 teacher on a held-out quarter of the calibration images);
+  correction off, on}, lowest logit KL to the FP32 teacher on the validation images: ``--validation auto``, the
+  held-out quarter of real images, the 500-step BN probe for every other source);
   ``chosen`` names the candidate it kept;
 * ``default calibrate``: ``zkd calibrate``'s defaults (the guard, GENIE-M reconstruction at <= 4 bits with the
-  rounding rate of ``round_lr``, the reconstruction check); ``calibrate, lr 1e-3``: the same with the rounding rate
-  pinned to the papers' 1e-3 (the default before);
-* ``calibrate, probe 500``: ``zkd calibrate``'s defaults with ``--probe-iterations 500`` (the guard and the
-  reconstruction check score on a BN probe synthesized for 500 steps);
+  rounding rate of ``round_lr``, the reconstruction check);
 * ``+ recon (qdrop)`` / ``+ recon (genie)``: the default PTQ student followed by block reconstruction,
   ``--recon-iters`` steps/block and the pipeline's other recon defaults, in the two modes: AdaRound + LSQ
   activation steps + QDrop (``--recon-mode qdrop``) and GENIE-M (weight step sizes learned jointly with the
@@ -22,10 +20,8 @@ Columns, each top-1 on real Fashion-MNIST test images after a calibration with t
 * ``+ KD fine-tune``: the ``+ recon (genie)`` student followed by ``--finetune-steps`` of KD fine-tuning (T^2 KL at T = 4,
   LSQ step sizes + weights, the calibration images; the pipeline's defaults), W3A3 and every-layer W4A4 only;
 * ``PTQ, validated on di@1000``: the default PTQ with ``--validation-data``: the guard scores its candidates on 256
-  images of a 1024-image deepinversion shard set at 1000 steps (``bench_recon``'s cached set) instead of the
-  held-out quarter and the 50-step BN probe, and fits on all calibration images;
-* ``PTQ, probe 500``: the default PTQ with ``--probe-iterations 500`` (the BN probe synthesized for 500 steps,
-  not 50);
+  images of a 1024-image deepinversion shard set at 1000 steps (``bench_recon``'s cached set) instead of the BN
+  probe;
 * ``mixed @ uniform size``: the default PTQ with per-layer weight bits from {2,3,4,6,8} (ZeroQ sensitivity, DP
   allocation) at the weight size of the uniform student.
 
@@ -69,6 +65,7 @@ from zeroshot_kd.quant.finetuning import finetune, finetune_objectives  # noqa: 
 from zeroshot_kd.quant.modules import QuantConfig, quant_layers  # noqa: E402
 from zeroshot_kd.quant.pipeline import CalibrationOptions, calibrate_student  # noqa: E402
 from zeroshot_kd.quant.recon import ReconConfig, reconstruct  # noqa: E402
+from zeroshot_kd.quant.validation import clear_probe_cache  # noqa: E402
 
 SETTINGS = [("W4A4", 4, 4, "first,last"), ("W3A3", 3, 3, "first,last"), ("W4A4 all layers", 4, 4, "none"),
             ("W2A4", 2, 4, "first,last")]
@@ -78,13 +75,8 @@ NO_PRE = {"a_method": "mse", "equalize": False, "bias_correction": False}
 PTQ_COLUMNS = ["naive min/max", "old MSE PTQ", "default PTQ"]
 RECON_COLUMNS = {"+ recon (qdrop)": "qdrop", "+ recon (genie)": "genie"}
 DEFAULT_COLUMN = "default calibrate"
-# zkd calibrate's defaults with the rounding learning rate pinned to the papers' 1e-3 (the default before round_lr)
-LR_COLUMNS = {"calibrate, lr 1e-3": 1e-3}
-PROBE_DEFAULT_COLUMNS = {"calibrate, probe 500": 500}
 VALIDATED_COLUMN = "PTQ, validated on di@1000"
-PROBE_COLUMNS = {"PTQ, probe 500": 500}
-COLUMNS = (PTQ_COLUMNS + [VALIDATED_COLUMN, *PROBE_COLUMNS, DEFAULT_COLUMN] + list(LR_COLUMNS)
-           + list(PROBE_DEFAULT_COLUMNS) + list(RECON_COLUMNS)
+COLUMNS = (PTQ_COLUMNS + [VALIDATED_COLUMN, DEFAULT_COLUMN] + list(RECON_COLUMNS)
            + ["+ KD fine-tune", "mixed @ uniform size"])
 BEFORE_COLUMNS = ("default PTQ", "default calibrate")  # read from --before, a results json of an earlier run
 SHARD_METHODS = {"inception": {}, "bns": {}, "deepinversion": {"bn_weight": 0.1}}
@@ -190,6 +182,7 @@ class Bench:
         data = calibration_data(tname, source, self.args)
         opts = CalibrationOptions(data=data, num_images=self.args.num_images, holdout=0, progress=False,
                                   **{"recon": False, **kw})
+        clear_probe_cache()  # seconds of a standalone run: the BN probe included
         t0 = time.perf_counter()
         res = calibrate_student(teacher, QuantConfig(w, a, keep_8bit=keep), opts, self.dev)
         return res, time.perf_counter() - t0
@@ -215,8 +208,7 @@ class Bench:
                         kl=res.report["ranges"]["kl_by_candidate"])
 
     def validated(self, tname: str, source: str, setting: tuple) -> None:
-        """The default PTQ scored on well-synthesized validation images (``--validation-data``) or on a
-        longer-synthesized BN probe (``--probe-iterations``)."""
+        """The default PTQ scored on well-synthesized validation images (``--validation-data``)."""
         from bench_recon import data_source  # the 1000-step shard sets, cached once (imported here: it imports us)
 
         if self.cached(tname, source, setting[0], VALIDATED_COLUMN) is None:
@@ -224,24 +216,15 @@ class Bench:
                                                                                            tname))
             self.record(tname, source, setting[0], VALIDATED_COLUMN, res.student, sec,
                         chosen=res.report["ranges"]["chosen"], kl=res.report["ranges"]["kl_by_candidate"])
-        for col, iters in PROBE_COLUMNS.items():
-            if self.cached(tname, source, setting[0], col) is None:
-                res, sec = self.calibrate(tname, source, setting, probe_iterations=iters)
-                self.record(tname, source, setting[0], col, res.student, sec, chosen=res.report["ranges"]["chosen"],
-                            kl=res.report["ranges"]["kl_by_candidate"])
 
     def default(self, tname: str, source: str, setting: tuple) -> None:
         """What ``zkd calibrate`` does by default: the guard, GENIE-M reconstruction (<= 4 bits) and its check."""
-        runs = {DEFAULT_COLUMN: {}, **{c: {"recon_lr": lr} for c, lr in LR_COLUMNS.items()},
-                **{c: {"probe_iterations": n} for c, n in PROBE_DEFAULT_COLUMNS.items()}}
-        for col, kw in runs.items():
-            if self.cached(tname, source, setting[0], col) is not None:
-                continue
-            res, sec = self.calibrate(tname, source, setting, recon=None, recon_iters=self.args.recon_iters, **kw)
+        if self.cached(tname, source, setting[0], DEFAULT_COLUMN) is None:
+            res, sec = self.calibrate(tname, source, setting, recon=None, recon_iters=self.args.recon_iters)
             rec = res.report["settings"].get("reconstruction") or {}
-            self.record(tname, source, setting[0], col, res.student, sec, chosen=res.report["ranges"]["chosen"],
-                        recon_check=res.report["recon_check"], lr_round=rec.get("lr_round"),
-                        data_fit=rec.get("data_fit"))
+            self.record(tname, source, setting[0], DEFAULT_COLUMN, res.student, sec,
+                        chosen=res.report["ranges"]["chosen"], recon_check=res.report["recon_check"],
+                        lr_round=rec.get("lr_round"), data_fit=rec.get("data_fit"))
 
     def recon_ft(self, tname: str, source: str, setting: tuple) -> None:
         """Both reconstruction modes from the cached default-PTQ student; KD fine-tuning after GENIE-M."""
@@ -301,20 +284,6 @@ def _delta_check(value: float | None, ref: float | None) -> str:
     return "ok" if value >= ref - 0.5 else f"MISS ({value - ref:+.2f})"
 
 
-def _lr_summary(row_cells: list) -> list[str]:
-    """Mean top-1 of the default and the pinned-rate columns over the rows that have both, the rows where the
-    default is more than 0.5 points below / above the pinned rate, and the worst difference."""
-    cols = [DEFAULT_COLUMN, *LR_COLUMNS]
-    rows = [{c: cells[c]["top1"] for c in cols} for _, _, cells in row_cells if all(cells.get(c) for c in cols)]
-    if not rows:
-        return []
-    means = ", ".join(f"{c} {sum(r[c] for r in rows) / len(rows):.2f}" for c in cols)
-    diff = [r[DEFAULT_COLUMN] - max(r[c] for c in LR_COLUMNS) for r in rows]
-    return [f"Rounding rate over {len(rows)} rows: mean top-1 {means}; the default is more than 0.5 points below "
-            f"the pinned rate in {sum(d < -0.5 for d in diff)} rows (worst {min(diff):+.2f}) and above it in "
-            f"{sum(d > 0.5 for d in diff)} (best {max(diff):+.2f}).", ""]
-
-
 def tables(bench: Bench, args: argparse.Namespace) -> None:
     """Rewrite the result files from the cache (missing cells: ``-``; columns with no cell are left out)."""
     before = json.loads(Path(args.before).read_text())["results"] if args.before else {}
@@ -326,11 +295,10 @@ def tables(bench: Bench, args: argparse.Namespace) -> None:
              "the genie recon (W3A3 and all layers only). `all layers` = `--keep-8bit none`. `default PTQ` = the "
              "guard (`--a-method auto`, `--no-recon`); `default calibrate` = `zkd calibrate`'s defaults (the guard, "
              "then GENIE-M reconstruction at <= 4 bits with the rounding rate 1e-3 * sqrt(20000 / steps), kept "
-             "only if it lowers the validation KL: `recon kept`); `calibrate, lr 1e-3` = the same with the rounding "
-             "rate pinned to the papers' 1e-3 (the default before); `PTQ, validated on di@1000` = the default PTQ "
-             "scored on 256 images of a 1000-step deepinversion shard set (`--validation-data`) instead of the "
-             "held-out quarter and the BN probe; `PTQ, probe 500` / `calibrate, probe 500` = the default PTQ / "
-             "calibrate with the BN probe synthesized for 500 steps (`--probe-iterations 500`) instead of 50. "
+             "only if it lowers the validation KL: `recon kept`); the guard and the check score on the validation "
+             "images of `--validation auto` (the held-out quarter of images close to the training data, here `real`; "
+             "for the other sources the 64-image, 500-step BN probe); `PTQ, validated on di@1000` = the default PTQ scored on "
+             "256 images of a 1000-step deepinversion shard set (`--validation-data`) instead. "
              "`chosen` = the candidate the guard kept (`+cle+bc` = with equalization and bias correction, `naive` = "
              "min/max weights and activations). Seconds = the whole calibration run on a shared "
              "2-core CPU, 1 thread (evaluation excluded; + recon / + KD fine-tune include the PTQ before them). "
@@ -368,7 +336,6 @@ def tables(bench: Bench, args: argparse.Namespace) -> None:
         lines += [f"## {tname} (FP32 {fp:.2f}% on these images)", "",
                   markdown_table(["setting", "data", "FP32"] + [f"before: {c}" for c in old] + cols
                                  + ["chosen", "recon kept", "PTQ >= naive", "default >= PTQ"], rows),
-                  *_lr_summary(row_cells),
                   "Seconds per calibration run:", "", markdown_table(["setting", "data"] + cols, trows)]
     lines += [f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, cpu, torch {torch.__version__}.",
               ""]

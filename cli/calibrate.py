@@ -33,7 +33,8 @@ bits_type = int  # validated below, so a bad value gets zkd's one-line error
 # CalibrationOptions fields shown after the quantization options, in --help order (flags/help/defaults on the fields)
 _ORDER = ["w_method", "a_method", "equalize", "relu6", "equalize_criterion", "bias_correction",
           "bias_correction_mode", "absorb_bias", "mixed_precision", "size_budget", "lp_p", "candidates", "percentile",
-          "act_images", "probe_images", "probe_iterations", "validation_data", "validation_images", "batch_size",
+          "act_images", "validation", "probe_images", "probe_iterations", "validation_data", "validation_images",
+          "batch_size",
           "recon", "recon_iters", "recon_images", "recon_check", "recon_drop", "recon_lambda", "recon_mode",
           "recon_lr", "finetune_steps", "lr", "scale_lr", "temperature", "finetune_check", "finetune_mixup",
           "finetune_shift", "finetune_flip", "finetune_drop"]

@@ -18,7 +18,7 @@ from zeroshot_kd.quant.pipeline import CalibrationOptions, calibrate_student
 from zeroshot_kd.shards import FORMAT, FORMAT_VERSION, MANIFEST, shard_name, write_shard
 
 FAST = ["--num-images", "32", "--holdout", "16", "--batch-size", "16", "--candidates", "20", "--recon-iters", "5",
-        "--device", "cpu", "-q"]
+        "--probe-iterations", "20", "--device", "cpu", "-q"]
 
 
 def run(args):
@@ -164,9 +164,9 @@ def test_calibrate_bad_input(tmp_path, teacher, case):
 
 
 def test_evaluate_bad_input(tmp_path, teacher):
-    res = calibrate_student(teacher, QuantConfig(8, 8), CalibrationOptions("gaussian:16", num_images=16, holdout=0,
-                                                                           candidates=5, progress=False),
-                            torch.device("cpu"))
+    opts = CalibrationOptions("gaussian:16", num_images=16, holdout=0, probe_iterations=20, candidates=5,
+                              progress=False)
+    res = calibrate_student(teacher, QuantConfig(8, 8), opts, torch.device("cpu"))
     from zeroshot_kd.quant.student import architecture_record, save_student
 
     path = tmp_path / "s.pt"

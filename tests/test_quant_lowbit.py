@@ -237,7 +237,7 @@ def test_validation_data_replaces_held_out_quarter_and_probe():
                               validation_data="gaussian:24", validation_images=24, recon=False, progress=False)
     res = calibrate_student(teacher, QuantConfig(4, 4), opts, "cpu")
     ranges = res.report["ranges"]
-    assert ranges["fit_images"] == 32 and ranges["kl_images"] == 24 and ranges["probe_images"] == 0
+    assert ranges["fit_images"] == 32 and ranges["kl_images"] == 24 and ranges["validation"] == "validation data"
     assert ranges["validation_data"] == "gaussian:24" and "24 images of --validation-data" in ranges["images"]
     val = make_dataset("gaussian:24", FASHION_MNIST_SPEC, num_images=24, seed=opts.seed + 2)
     x = torch.stack([val[i][0] for i in range(24)])
@@ -290,7 +290,8 @@ def test_cli_mixed_precision_equalize_and_bad_budgets(tmp_path):
     from cli.main import cli
 
     base = ["calibrate", "--teacher", "fmnist_mobilenetv2", "--data", "gaussian:32", "--num-images", "32",
-            "--holdout", "0", "--candidates", "10", "--batch-size", "16", "--no-recon", "--device", "cpu", "-q"]
+            "--holdout", "0", "--candidates", "10", "--batch-size", "16", "--no-recon", "--probe-iterations", "20",
+            "--device", "cpu", "-q"]
     for budget, msg in (("100MB", "larger than the FP32"), ("0.01x", "below the all-2-bit"), ("big", "not a size")):
         r = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "bad.pt"), "--mixed-precision",
                                             "--size-budget", budget])
@@ -320,7 +321,7 @@ def test_pre_steps_default_on_only_with_every_layer_quantized():
     reports = {}
     for keep in ("first,last", "none"):
         opts = CalibrationOptions(data="gaussian:16", num_images=16, holdout=0, candidates=5, progress=False,
-                                  a_method="output")
+                                  a_method="output", probe_iterations=20)
         reports[keep] = calibrate_student(teacher, QuantConfig(4, 4, keep_8bit=keep), opts,
                                           torch.device("cpu")).report
     assert reports["first,last"]["equalization"] is None and reports["first,last"]["bias_correction"] is None
@@ -337,29 +338,44 @@ def _kl_to(student: nn.Module, net: nn.Module, x: torch.Tensor) -> float:
 
 def test_default_guard_keeps_lowest_validation_kl_candidate():
     """The default (auto) builds {mse, output, minmax} x {pre-steps off, on} plus naive min/max, scores each by the
-    logit KL to the teacher on the validation images (held-out last quarter of the calibration images + the BN
-    probe), and returns the student of the minimum."""
-    from zeroshot_kd.data import make_dataset
-    from zeroshot_kd.quant.validation import bn_probe, guard_split
+    logit KL to the teacher on the validation images (the BN probe alone; every calibration image fits), and
+    returns the student of the minimum."""
+    from zeroshot_kd.quant.validation import PROBE_ITERATIONS, bn_probe
 
     net = Chain().eval().requires_grad_(False)
     teacher = Teacher(net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(net))
     opts = CalibrationOptions(data="gaussian:32", num_images=32, holdout=0, candidates=5, recon=False,
-                              probe_images=16, progress=False)
-    assert opts.a_method == "auto"
+                              probe_images=16, probe_iterations=100, validation="probe", progress=False)
+    assert opts.a_method == "auto" and CalibrationOptions(data="x").probe_iterations == PROBE_ITERATIONS == 500
     res = calibrate_student(teacher, QuantConfig(3, 3, keep_8bit="none"), opts, torch.device("cpu"))
     g = res.report["ranges"]
     kls = g["kl_by_candidate"]
     assert set(kls) == {f"{m}{s}" for m in ("mse", "output", "minmax") for s in ("", "+cle+bc")} | {"naive"}
     assert g["chosen"] == min(kls, key=kls.get)
     assert (res.report["equalization"] is not None) == g["chosen"].endswith("+cle+bc") == g["equalize"]
-    assert guard_split(32) == 8 and (g["held_out_images"], g["probe_images"], g["fit_images"]) == (8, 16, 24)
-    assert g["kl_images"] == 24 and g["kl_split"] == "held-out"
+    assert (g["validation"], g["validation_images"], g["kl_images"], g["fit_images"]) == ("probe", 16, 16, 32)
+    assert g["images"].startswith("16 BN-probe images, 100 steps; calibration images ")
+    probe = bn_probe(teacher, 16, opts.seed, torch.device("cpu"), iterations=100)
+    kl = _kl_to(res.student, net, probe)
+    assert kl == pytest.approx(kls[g["chosen"]], rel=1e-5, abs=1e-9)
+
+
+def test_guard_scores_held_out_quarter_without_probe():
+    """With no probe (--probe-images 0, or a teacher without BN layers) the guard scores on the last quarter of the
+    calibration images and fits the ranges on the other three quarters."""
+    from zeroshot_kd.data import make_dataset
+    from zeroshot_kd.quant.validation import guard_split
+
+    net = Chain().eval().requires_grad_(False)
+    teacher = Teacher(net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(net))
+    opts = CalibrationOptions(data="gaussian:32", num_images=32, holdout=0, candidates=5, recon=False,
+                              probe_images=0, progress=False)
+    res = calibrate_student(teacher, QuantConfig(4, 4), opts, torch.device("cpu"))
+    g = res.report["ranges"]
+    assert guard_split(32) == 8 and (g["validation"], g["kl_images"], g["fit_images"]) == ("held-out", 8, 24)
     ds = make_dataset("gaussian:32", FASHION_MNIST_SPEC, num_images=32, seed=0)
     held = torch.stack([ds[i][0] for i in range(24, 32)])
-    probe = bn_probe(teacher, 16, opts.seed, torch.device("cpu"))
-    kl = _kl_to(res.student, net, torch.cat([held, probe]))
-    assert kl == pytest.approx(kls[g["chosen"]], rel=1e-5, abs=1e-9)
+    assert _kl_to(res.student, net, held) == pytest.approx(g["kl_by_candidate"][g["chosen"]], rel=1e-5, abs=1e-9)
 
 
 def test_naive_guard_candidate_is_min_max(monkeypatch):
@@ -396,19 +412,18 @@ def test_finetune_check_keeps_the_closer_student():
     """Fine-tuning is kept only if it lowers the validation KL: with a learning rate that wrecks the student the
     pipeline keeps the student from before fine-tuning, with a small one the fine-tuned student when it is closer;
     either way the final student's KL on the validation images (computed here directly) is the kept one's."""
-    from zeroshot_kd.data import make_dataset
     from zeroshot_kd.quant.report import finetune_check_line
     from zeroshot_kd.quant.validation import bn_probe
 
     net = Chain().eval().requires_grad_(False)
     teacher = Teacher(net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(net))
     cpu = torch.device("cpu")
-    ds = make_dataset("gaussian:32", FASHION_MNIST_SPEC, num_images=32, seed=0)
-    vx = torch.cat([torch.stack([ds[i][0] for i in range(24, 32)]), bn_probe(teacher, 8, 0, cpu)])
+    vx = bn_probe(teacher, 8, 0, cpu)
     seen = []
     for lr in (10.0, 1e-3):
         opts = CalibrationOptions(data="gaussian:32", num_images=32, holdout=0, candidates=5, recon=False,
-                                  finetune_steps=6, lr=lr, batch_size=8, probe_images=8, progress=False)
+                                  finetune_steps=6, lr=lr, batch_size=8, probe_images=8, validation="probe",
+                                  progress=False)
         res = calibrate_student(teacher, QuantConfig(4, 4), opts, cpu)
         fc = res.report["finetune_check"]
         assert fc["kept"] == ("finetune" if fc["finetune_kl"] <= fc["before_kl"] else "before")
@@ -438,12 +453,62 @@ def test_bn_probe_matches_bn_statistics_and_is_seeded():
         return float(bns_kl_loss(hook.stats))
 
     noise = FASHION_MNIST_SPEC.clamp(torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(5)))
-    assert bns(a) < 0.75 * bns(noise)  # 50 steps on this random net: 27680 -> 17721
-    longer = bn_probe(teacher, 16, 0, cpu, iterations=200)  # --probe-iterations: the same start, more steps
-    assert bns(longer) < 0.9 * bns(a)
+    assert bns(a) < 0.5 * bns(noise)  # 500 steps on this random net
+    shorter = bn_probe(teacher, 16, 0, cpu, iterations=50)  # --probe-iterations: the same start, fewer steps
+    assert bns(a) < 0.9 * bns(shorter) and bns(shorter) < 0.75 * bns(noise)
     plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LazyLinear(10))
     plain(torch.zeros(1, 1, 28, 28))
     assert bn_probe(Teacher(plain, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(plain)), 16, 0, cpu) is None
+
+
+def test_validation_auto_holds_out_close_images_and_probes_far_ones():
+    """--validation auto: the calibration images' own held-out quarter when the teacher's BN statistics call them
+    close to its training data (real Fashion-MNIST for the shipped teacher), else the BN probe (Gaussian noise);
+    the explicit choices and --probe-images 0 override it."""
+    from zeroshot_kd import load_teacher
+    from zeroshot_kd.quant.validation import CLOSE_VERDICT, validation_kind
+
+    assert validation_kind("auto", CLOSE_VERDICT, 64) == "held-out"
+    assert validation_kind("auto", "usable", 64) == validation_kind("auto", "far", 64) == "probe"
+    assert validation_kind("probe", CLOSE_VERDICT, 64) == "probe" and validation_kind("held-out", "far", 64) == "held-out"
+    assert validation_kind("probe", "far", 0) == validation_kind("auto", "far", 0) == "held-out"
+    teacher = load_teacher("fmnist_resnet14", device="cpu")
+    seen = {}
+    for data in ("fashion-mnist:train", "gaussian:32"):
+        opts = CalibrationOptions(data=data, num_images=32, holdout=0, candidates=5, recon=False, probe_images=8,
+                                  probe_iterations=5, a_method="auto", progress=False)
+        r = calibrate_student(teacher, QuantConfig(8, 8), opts, "cpu").report["ranges"]
+        seen[data] = (r["validation"], r["calibration_verdict"], r["kl_images"], r["fit_images"])
+    assert seen["fashion-mnist:train"] == ("held-out", CLOSE_VERDICT, 8, 24)
+    assert seen["gaussian:32"] == ("probe", "far", 8, 32)
+
+
+def test_bn_probe_is_computed_once_per_teacher_and_arguments(monkeypatch):
+    """A second probe of the same weights, spec, size, seed and steps comes from the process cache (no synthesis),
+    equal to the first; other arguments, or a Teacher without a weights hash, synthesize again."""
+    from zeroshot_kd import synthesis
+    from zeroshot_kd.quant import validation
+
+    net = Chain().eval().requires_grad_(False)
+    teacher = Teacher(net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(net))
+    calls = []
+    real = synthesis.optimize_batch
+
+    def counting(*a, **k):
+        calls.append(a[3].seed)
+        return real(*a, **k)
+
+    monkeypatch.setattr(synthesis, "optimize_batch", counting)
+    monkeypatch.setattr(validation, "_PROBES", {})
+    cpu = torch.device("cpu")
+    first = validation.bn_probe(teacher, 8, 0, cpu, iterations=20)
+    again = validation.bn_probe(teacher, 8, 0, "cpu", iterations=20)
+    assert len(calls) == 1 and torch.equal(first, again)
+    validation.bn_probe(teacher, 8, 1, cpu, iterations=20)
+    anonymous = Teacher(net, FASHION_MNIST_SPEC, {"kind": "test"}, "")
+    validation.bn_probe(anonymous, 8, 0, cpu, iterations=20)
+    validation.bn_probe(anonymous, 8, 0, cpu, iterations=20)
+    assert len(calls) == 4
 
 
 def test_reconstruction_check_keeps_the_closer_student():
@@ -455,12 +520,11 @@ def test_reconstruction_check_keeps_the_closer_student():
     net = Chain().eval().requires_grad_(False)
     teacher = Teacher(net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(net))
     cpu = torch.device("cpu")
-    held = _x(12, seed=3)
-    val = make_validation(teacher, held, _x(6, seed=4), cpu)
+    x = _x(12, seed=3)
+    val = make_validation(teacher, x, "held-out", cpu)
     good, bad = copy.deepcopy(net), copy.deepcopy(net)
     with torch.no_grad():
         bad.fc.weight.mul_(-1.0)
-    x = torch.cat([held, _x(6, seed=4)])
     for ptq, recon, want in ((good, bad, "ptq"), (bad, good, "reconstruction")):
         closer, kl_ptq, kl_recon = _closer(ptq, recon, val, cpu, "fp32")
         assert closer is (want == "reconstruction")
@@ -468,15 +532,13 @@ def test_reconstruction_check_keeps_the_closer_student():
         assert kl_recon == pytest.approx(_kl_to(recon, net, x), rel=1e-5, abs=1e-9)
 
     opts = CalibrationOptions(data="gaussian:32", num_images=32, holdout=0, candidates=5, recon=True,
-                              recon_iters=4, probe_images=8, progress=False)
+                              recon_iters=4, probe_images=8, validation="probe", progress=False)
     res = calibrate_student(teacher, QuantConfig(3, 3, keep_8bit="none"), opts, cpu)
     rc = res.report["recon_check"]
     assert rc["kept"] == ("reconstruction" if rc["recon_kl"] <= rc["ptq_kl"] else "ptq")
-    from zeroshot_kd.data import make_dataset
     from zeroshot_kd.quant.validation import bn_probe
 
-    ds = make_dataset("gaussian:32", FASHION_MNIST_SPEC, num_images=32, seed=0)
-    vx = torch.cat([torch.stack([ds[i][0] for i in range(24, 32)]), bn_probe(teacher, 8, 0, cpu)])
+    vx = bn_probe(teacher, 8, 0, cpu)
     assert _kl_to(res.student, net, vx) == pytest.approx(min(rc["ptq_kl"], rc["recon_kl"]), rel=1e-5, abs=1e-9)
 
 

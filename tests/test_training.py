@@ -258,8 +258,8 @@ def test_calibrate_fine_tuning_advances_the_objectives_epoch(small_net):
 def _calibrate(tmp_path, data):
     out = tmp_path / "s.pt"
     r = CliRunner().invoke(cli, ["calibrate", "--data", data, "--bits", "8", "--num-images", "32", "--holdout", "16",
-                                 "--batch-size", "16", "--candidates", "5", "--device", "cpu", "-q",
-                                 "--out", str(out)])
+                                 "--batch-size", "16", "--candidates", "5", "--probe-iterations", "20", "--device",
+                                 "cpu", "-q", "--out", str(out)])
     assert r.exit_code == 0, r.output
     return r.output, json.loads((tmp_path / "report.json").read_text()), (tmp_path / "report.md").read_text()
 

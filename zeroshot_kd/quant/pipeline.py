@@ -10,8 +10,9 @@ Steps:
    calibration batches, then fixed. Default (``a_method="auto"``): the guard of :func:`_guarded_ptq` builds every
    candidate ``{mse, output, minmax} x {CLE + bias correction off, on}`` plus naive min/max and keeps the one whose
    logits are closest (KL) to the FP32 teacher's on the validation images
-   (:mod:`~zeroshot_kd.quant.validation`: the held-out last quarter of the calibration images and a 64-image
-   probe synthesized against the teacher's BN statistics). The other three quarters fit.
+   (:mod:`~zeroshot_kd.quant.validation`: the held-out last quarter of the calibration images when they are close
+   to the teacher's training data by its BN statistics, else a 64-image probe synthesized against those
+   statistics, and all calibration images fit).
 4. Optional ``recon`` (block reconstruction with AdaRound + learned activation steps, QDrop; on by default at
    <= 4 bits) on the fitting images, kept only if it lowers the validation KL (``recon_check``); and/or
    ``finetune_steps`` of KD fine-tuning (weights + activation steps, default ``T^2``-scaled KL at T = 4) through the
@@ -52,7 +53,8 @@ from .equalize import (BIAS_CORRECTION_MODES, EQUALIZE_CRITERIA, RELU6_MODES, ab
                        bn_stats, correct_bias, correct_bias_analytic, equalize)
 from .mixed import choose_bits
 from .report import CALIBRATION_SET_AGREEMENT, global_metrics, layer_report
-from .validation import PROBE_ITERATIONS, Validation, bn_probe, guard_split, make_validation
+from .validation import (PROBE_ITERATIONS, VALIDATION_KINDS, Validation, bn_probe, guard_split,
+                         make_validation, validation_kind)
 
 __all__ = ["GUARD_METHODS", "RECON_DEFAULT_ITERS", "CalibrationOptions", "CalibrationResult", "calibrate_student",
            "calibration_fit", "check_data_teacher", "data_kind", "guard_split", "recon_by_default"]
@@ -92,7 +94,7 @@ class CalibrationOptions(Config):
     w_method: str = option("lp", "Weight range search per channel.", choices=("lp", "mse", "minmax"))
     a_method: str = option("auto", "Activation range search per tensor: auto = build {mse, output, minmax} x "
                            "{CLE+bias correction off, on} and keep the one with the lowest logit KL to the FP32 teacher "
-                           "on a held-out quarter of the calibration images (fits ranges on the other three quarters); "
+                           "on the validation images (see --validation); "
                            "output = clipping that minimizes the consuming layer's output error; "
                            "mse/lp/percentile/minmax = the tensor's own error.",
                            choices=tuple(reversed(NEW_ACT_METHODS)) + ACT_METHODS)
@@ -116,7 +118,7 @@ class CalibrationOptions(Config):
                                     "0.014 at 100; 1e-3 fits far calibration data less].", kind="float", min=0,
                                     min_open=True)
     recon_check: bool = option(True, "Keep the reconstructed student only if its logit KL to the teacher on the "
-                               "validation images (held-out quarter + BN probe) is below the PTQ student's; else keep "
+                               "validation images (see --validation) is below the PTQ student's; else keep "
                                "the PTQ student.", kind="bool")
     finetune_check: bool = option(True, "Keep the fine-tuned student only if its logit KL to the teacher on the "
                                   "validation images is below the student's before fine-tuning.", kind="bool")
@@ -127,16 +129,18 @@ class CalibrationOptions(Config):
                                  "(edges replicated; the teacher answers on the moved image); 0 = off.", min=0)
     finetune_flip: bool = option(False, "Mirror each fine-tuning image left-right with probability 1/2 (the "
                                  "teacher answers on the mirrored image).", kind="bool")
-    probe_images: int = option(64, "Validation images synthesized from the teacher's BN statistics (BNS-KL, "
-                               "--probe-iterations steps), pooled with the held-out quarter of the calibration "
-                               "images to score the guard's candidates and the reconstruction check (0 = held-out "
-                               "images only).", min=0)
-    probe_iterations: int = option(PROBE_ITERATIONS, "Adam steps of the BN probe's synthesis (more: images closer "
-                                   "to the teacher's training data, at that many teacher forward+backward passes "
-                                   "of one --probe-images batch).", min=1)
+    probe_images: int = option(64, "Images of the BN probe: synthesized from the teacher's BN statistics (BNS-KL, "
+                               "--probe-iterations steps), the validation images when the calibration images are "
+                               "not close to the training data (--validation auto). 0: never a probe.", min=0)
+    probe_iterations: int = option(PROBE_ITERATIONS, "Adam steps of the BN probe's synthesis: that many teacher "
+                                   "forward+backward passes of one --probe-images batch (fewer: faster, but below "
+                                   "500 the probe ranks students less like real data does).", min=1)
+    validation: str = option("auto", "Validation images of the guard and the checks: held-out = the last quarter of "
+                             "the calibration images (the rest fit); probe = the BN probe (all images fit); auto = "
+                             "held-out when the calibration images are close to the teacher's training data by its "
+                             "BN statistics (the zkd similarity verdict), else probe.", choices=VALIDATION_KINDS)
     validation_data: str | None = option(None, "Score the guard and the checks on these images alone (a few real "
-                                         "images, or shards synthesized at full length) instead of the held-out "
-                                         "quarter and the BN probe; every --data image then fits.",
+                                         "images, or shards synthesized at full length) instead of the BN probe.",
                                          metavar="SOURCE")
     validation_images: int = option(256, "Images of --validation-data used (a seeded sample).", min=1)
     recon_mode: str = option("genie", "qdrop: AdaRound at the calibrated weight steps + LSQ activation steps, "
@@ -263,24 +267,34 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
 
     do_recon = bool(opts.recon if opts.recon is not None else recon_by_default(config)) and opts.recon_iters > 0
     t = time.perf_counter()
-    # The guard and the checks judge on images that fit nothing: --validation-data, else the last quarter plus the
-    # BN probe.
+    # The guard and the checks judge on images that fit nothing: --validation-data; else the held-out last quarter of
+    # the calibration images when those are close to the teacher's training data (by its BN statistics), else the
+    # BN probe (module docstring of .validation).
     validation: Validation | None = None
     fit_x = cal_x
     do_finetune = opts.finetune_steps > 0
     needs_validation = (opts.a_method == "auto" or (do_recon and opts.recon_check)
                         or (do_finetune and opts.finetune_check))
+    data_fit = calibration_fit(teacher, cal_x, device) if (needs_validation or do_recon) else None
     if needs_validation and opts.validation_data:
         check_data_teacher(opts.validation_data, teacher)
         val_x, _ = _stack(make_dataset(opts.validation_data, teacher.spec, num_images=opts.validation_images,
                                        seed=opts.seed + 2, verify=opts.verify))
-        validation = make_validation(teacher, val_x, None, device, opts.precision, source=opts.validation_data)
+        validation = make_validation(teacher, val_x, "validation data", device, opts.precision,
+                                     source=opts.validation_data)
     elif needs_validation:
-        n_held = guard_split(n_cal)
-        fit_x, held_x = (cal_x[: n_cal - n_held], cal_x[n_cal - n_held:]) if n_held else (cal_x, cal_x)
-        probe = bn_probe(teacher, opts.probe_images, opts.seed, device, opts.probe_iterations)
-        validation = make_validation(teacher, held_x, probe, device, opts.precision, held_out=n_held > 0,
-                                     probe_iterations=opts.probe_iterations)
+        assert data_fit is not None
+        kind = validation_kind(opts.validation, data_fit["verdict"], opts.probe_images)
+        probe = (bn_probe(teacher, opts.probe_images, opts.seed, device, opts.probe_iterations, opts.progress)
+                 if kind == "probe" else None)
+        if probe is not None:
+            validation = make_validation(teacher, probe, "probe", device, opts.precision,
+                                         probe_iterations=opts.probe_iterations, verdict=data_fit["verdict"])
+        else:  # the held-out quarter (also for a teacher without BN layers, which has no probe)
+            n_held = guard_split(n_cal)
+            fit_x, held_x = (cal_x[: n_cal - n_held], cal_x[n_cal - n_held:]) if n_held else (cal_x, cal_x)
+            validation = make_validation(teacher, held_x, "held-out" if n_held else "calibration", device,
+                                         opts.precision, verdict=data_fit["verdict"])
     if validation is not None:
         timing["validation_probe"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -310,12 +324,10 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
 
     recon_hist: list[dict] = []
     rcfg: ReconConfig | None = None
-    data_fit: dict[str, Any] | None = None
     recon_check: dict[str, Any] | None = None
     if do_recon:
         t = time.perf_counter()
         recon_x = fit_x[: opts.recon_images or fit_x.shape[0]]
-        data_fit = calibration_fit(teacher, recon_x, device)
         rcfg = ReconConfig(iters=opts.recon_iters, batch_size=opts.batch_size, drop_prob=opts.recon_drop,
                            reg=opts.recon_lambda, lr_round=opts.recon_lr, mode=opts.recon_mode)
         checked = validation if opts.recon_check else None
@@ -454,11 +466,12 @@ def _build_student(teacher: Any, config: QuantConfig, opts: CalibrationOptions, 
 
 @torch.no_grad()
 def calibration_fit(teacher: Any, images: torch.Tensor, device: torch.device) -> dict[str, Any]:
-    """How far the images reconstruction fits are from the teacher's training data: their score against the
-    teacher's BN running statistics (:data:`~zeroshot_kd.similarity.PREDICTOR`, ``zkd similarity``'s calibration
-    predictor) and its verdict, recorded in the report and printed by ``zkd calibrate``. Why: reconstruction fits
-    these images, so on far data it can fit their artifacts (50-step BNS shards: MobileNetV2 W3A3 78.1 -> 58.1 at
-    the default rounding rate), and nothing else in the run can tell. ``score`` is None without BatchNorm.
+    """How far the calibration images are from the teacher's training data: their score against the teacher's BN
+    running statistics (:data:`~zeroshot_kd.similarity.PREDICTOR`, ``zkd similarity``'s calibration predictor) and
+    its verdict, recorded in the report and printed by ``zkd calibrate``. Why: reconstruction fits these images,
+    so on far data it can fit their artifacts (50-step BNS shards: MobileNetV2 W3A3 78.1 -> 58.1 at the default
+    rounding rate), and only images close to the training data can be their own validation set
+    (``--validation auto``). ``score`` is None without BatchNorm.
     """
     if not bn_layers(teacher.model):
         return {"score": None, "verdict": "no BatchNorm statistics"}
@@ -487,9 +500,8 @@ def _guarded_ptq(teacher: Any, config: QuantConfig, opts: CalibrationOptions, fi
     ResNet all-layers and lose at W3A3). So every candidate ``{mse, output, minmax} x pre`` (``pre``: CLE + bias
     correction off / on, unless set explicitly) is built, plus ``naive`` (min/max weights and activations, no
     pre-steps: the reference the PTQ path must not fall below), and scored by ``KL(p_teacher || p_student)`` of the
-    logits against the FP32 teacher on the validation images (:mod:`~zeroshot_kd.quant.validation`: the held-out
-    quarter of the calibration images and the BN probe), none of which set a range, corrected a bias or chose a
-    bit; the lowest KL wins (ties: the earlier candidate, pre-steps off and MSE first). ``fit_x`` fits the ranges.
+    logits against the FP32 teacher on the validation images (:mod:`~zeroshot_kd.quant.validation`: held-out
+    calibration images or the BN probe), none of which set a range, corrected a bias or chose a bit; the lowest KL wins (ties: the earlier candidate, pre-steps off and MSE first). ``fit_x`` fits the ranges.
 
     Returns:
         (the chosen build, its per-layer activation stats, the report entry with every candidate's KL).
