@@ -33,6 +33,7 @@ from torch import nn
 
 from ..bn import bn_layers
 from ..runtime import autocast, batch_seed
+from ..similarity.predict import VERDICTS
 from .ranges import logit_kl
 
 __all__ = ["PROBE_ITERATIONS", "VALIDATION_KINDS", "Validation", "bn_probe", "clear_probe_cache", "guard_split",
@@ -51,7 +52,7 @@ _PROBES: dict[tuple, torch.Tensor] = {}  # bn_probe's per-process cache, oldest 
 
 #: ``--validation`` choices (``auto`` picks one of the other two by the calibration images' BN-statistics verdict)
 VALIDATION_KINDS = ("auto", "held-out", "probe")
-CLOSE_VERDICT = "close to the training data"
+CLOSE_VERDICT = VERDICTS[0]
 
 
 def validation_kind(choice: str, verdict: str, probe_images: int) -> str:
