@@ -275,7 +275,9 @@ def calibrate_student(teacher: Any, config: QuantConfig, opts: CalibrationOption
     do_finetune = opts.finetune_steps > 0
     needs_validation = (opts.a_method == "auto" or (do_recon and opts.recon_check)
                         or (do_finetune and opts.finetune_check))
-    data_fit = calibration_fit(teacher, cal_x, device) if (needs_validation or do_recon) else None
+    # the verdict chooses the validation images (auto) and is reported beside reconstruction's rounding rate
+    data_fit = (calibration_fit(teacher, cal_x, device)
+                if (needs_validation and not opts.validation_data) or do_recon else None)
     if needs_validation and opts.validation_data:
         check_data_teacher(opts.validation_data, teacher)
         val_x, _ = _stack(make_dataset(opts.validation_data, teacher.spec, num_images=opts.validation_images,
