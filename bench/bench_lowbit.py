@@ -343,15 +343,20 @@ def tables(bench: Bench, args: argparse.Namespace) -> None:
     write_json(args.name, {"results": results, "settings": vars(args)})
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_grid_arguments(ap: argparse.ArgumentParser) -> None:
+    """The grid's options (teachers, sources, sizes), shared with the benchmarks that run on its cells."""
     ap.add_argument("--teachers", default="fmnist_mobilenetv2,fmnist_resnet14")
     ap.add_argument("--sources", default="real,gaussian,inception,bns,deepinversion")
     ap.add_argument("--num-images", type=int, default=256)
     ap.add_argument("--eval-images", type=int, default=2000)
     ap.add_argument("--recon-iters", type=int, default=100)
-    ap.add_argument("--finetune-steps", type=int, default=100)
     ap.add_argument("--shard-iterations", type=int, default=50)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_grid_arguments(ap)
+    ap.add_argument("--finetune-steps", type=int, default=100)
     ap.add_argument("--settings", default="", help="comma list of setting labels, in run order [default: all]")
     ap.add_argument("--phases", default="ptq,validated,default,recon,mixed",
                     help="comma list of ptq, validated, default, recon, mixed")

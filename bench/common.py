@@ -12,6 +12,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
 CACHE = Path(os.environ.get("ZKD_BENCH_CACHE", ROOT / "cache"))
+# Benchmarks time each calibration as a standalone run, BN probe included: no probe read back from an earlier run.
+os.environ["ZKD_CACHE_DIR"] = "off"
 RESULTS = ROOT / "results"
 
 # The synthetic calibration sets every benchmark uses: 1024 images per method from the shipped teacher.

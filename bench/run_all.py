@@ -18,6 +18,8 @@ ORDER = [
     ["bench_objectives.py"],
     # issue 11: W4A4 / W3A3 / all-layers W4A4 for both teachers, new ranges, CLE/BC, recon, mixed precision
     ["bench_lowbit.py"],
+    # issue 11: the reconstruction check's tolerance (paired standard errors) on the low-bit grid
+    ["bench_check.py"],
     # issue 11: how the guard should pool its two validation sources (held-out quarter, BN probe), per teacher
     ["bench_guard.py", "--teachers", "fmnist_resnet14", "--name", "guard-r"],
     ["bench_guard.py", "--teachers", "fmnist_mobilenetv2", "--name", "guard-m"],
@@ -51,6 +53,9 @@ ORDER = [
      "--settings", "+ KD 4000 @3e-4, --w-asym, shift 2, flip", "+ KD 4000 @3e-4, --w-asym, shift 2",
      "+ KD 4000 @3e-4, --w-asym, flip", "+ KD 4000 @3e-4, QDrop 0.5, shift 2, flip", "--seeds", "0", "1", "2",
      "--name", "targets-aug"],
+    # issue 11: twice the synthetic images for the W4A4 data-free target (stop 30)
+    ["bench_targets.py", "--cases", "m-w4a4", "--sources", "deepinversion@1000", "--images", "2048", "--settings",
+     "+ KD 4000 @3e-4, --w-asym, shift 2, flip", "--seeds", "0", "1", "2", "--name", "targets-2048"],
     # issue 13: packed student sizes, ONNX QDQ latency and top-1 in ONNX Runtime
     ["bench_export.py"],
     # issue 12: TAKD chains, Active Mixup with a black-box teacher, no-skip students (about 20 min)

@@ -35,9 +35,9 @@ _ORDER = ["w_method", "a_method", "equalize", "relu6", "equalize_criterion", "bi
           "bias_correction_mode", "absorb_bias", "mixed_precision", "size_budget", "lp_p", "candidates", "percentile",
           "act_images", "validation", "probe_images", "probe_iterations", "validation_data", "validation_images",
           "batch_size",
-          "recon", "recon_iters", "recon_images", "recon_check", "recon_drop", "recon_lambda", "recon_mode",
-          "recon_lr", "finetune_steps", "lr", "scale_lr", "temperature", "finetune_check", "finetune_mixup",
-          "finetune_shift", "finetune_flip", "finetune_drop"]
+          "recon", "recon_iters", "recon_images", "recon_check", "check_tolerance", "recon_drop", "recon_lambda",
+          "recon_mode", "recon_lr", "finetune_steps", "lr", "scale_lr", "temperature", "finetune_check",
+          "finetune_mixup", "finetune_shift", "finetune_flip", "finetune_drop"]
 
 
 @click.command(help="Build a fake-quantized student (BN folded, per-channel weights, per-tensor activations), "
@@ -72,7 +72,7 @@ def command(bits: int, w_bits: int | None, a_bits: int | None, w_asym: bool, kee
     from zeroshot_kd.errors import ZkdError
     from zeroshot_kd.io import atomic_write_bytes, atomic_write_json
     from zeroshot_kd.quant.pipeline import calibrate_student
-    from zeroshot_kd.quant.report import finetune_check_line, render_markdown, rounding_rate_line
+    from zeroshot_kd.quant.report import finetune_check_line, recon_check_line, render_markdown, rounding_rate_line
     from zeroshot_kd.quant.student import architecture_record, save_student
     from zeroshot_kd.runtime import resolve_device
 
@@ -128,8 +128,7 @@ def command(bits: int, w_bits: int | None, a_bits: int | None, w_asym: bool, kee
     if rate:
         echo("reconstruction: " + rate[0].lower() + rate[1:])
     if check:
-        echo(f"reconstruction check: validation KL {check['ptq_kl']:.4f} (PTQ) -> {check['recon_kl']:.4f}: kept the "
-             f"{'reconstructed' if check['kept'] == 'reconstruction' else 'PTQ'} student")
+        echo(recon_check_line(check))
     if result.report.get("finetune_check"):
         echo(finetune_check_line(result.report["finetune_check"]))
     s = result.summary

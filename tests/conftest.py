@@ -11,6 +11,14 @@ from zeroshot_kd.models import cifar_resnet
 from zeroshot_kd.teachers import Teacher, state_sha256
 
 
+@pytest.fixture(autouse=True)
+def probe_cache(tmp_path_factory, monkeypatch):
+    """Each test gets an empty BN-probe disk cache of its own (never the user's ``~/.cache/zkd``)."""
+    path = tmp_path_factory.mktemp("zkd-cache")
+    monkeypatch.setenv("ZKD_CACHE_DIR", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def teacher():
     """The shipped Fashion-MNIST teacher (assets/fmnist_resnet14.pt), frozen, on CPU."""

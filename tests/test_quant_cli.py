@@ -67,7 +67,7 @@ def test_w8a8_ptq_agrees_with_teacher_on_real_test_images(teacher):
 def test_calibrate_and_evaluate_cli(tmp_path, teacher):
     out = tmp_path / "w4a4.pt"
     r = run(["calibrate", "--data", "fashion-mnist:train", "--bits", "4", "--recon", "--recon-iters", "3",
-             "--finetune-steps", "2", "--out", str(out), "--json", *FAST])
+             "--finetune-steps", "2", "--check-tolerance", "0.5", "--out", str(out), "--json", *FAST])
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["w_bits"] == 4 and summary["calibration_images"] == 32 and "first layer W8" in summary["convention"]
@@ -77,6 +77,12 @@ def test_calibrate_and_evaluate_cli(tmp_path, teacher):
     assert len(report["recon"]) == 8 and report["finetune"][-1]["step"] == 2
     md = (tmp_path / "report.md").read_text()
     assert "Convention:" in md and "W SQNR dB" in md and "| layer1.0.conv1 |" in md
+    for check, (before, after), labels in ((report["recon_check"], ("ptq_kl", "recon_kl"), ("ptq", "reconstruction")),
+                                           (report["finetune_check"], ("before_kl", "finetune_kl"),
+                                            ("before", "finetune"))):
+        assert check["tolerance_se"] == 0.5  # --check-tolerance reaches both checks
+        assert check["kept"] == labels[int(check[after] - check[before] <= 0.5 * check["se"])]
+    assert "tolerance 0.5 SE): kept the" in md
 
     r = run(["evaluate", "--model", str(out), "--data", "fashion-mnist:test", "--num-images", "300",
              "--teacher", "fmnist_resnet14", "--device", "cpu", "-q", "--json"])

@@ -426,12 +426,15 @@ def test_finetune_check_keeps_the_closer_student():
                                   progress=False)
         res = calibrate_student(teacher, QuantConfig(4, 4), opts, cpu)
         fc = res.report["finetune_check"]
-        assert fc["kept"] == ("finetune" if fc["finetune_kl"] <= fc["before_kl"] else "before")
-        assert _kl_to(res.student, net, vx) == pytest.approx(min(fc["before_kl"], fc["finetune_kl"]), rel=1e-5,
-                                                             abs=1e-9)
+        kept = fc["finetune_kl"] - fc["before_kl"] <= fc["tolerance_se"] * fc["se"]
+        assert fc["kept"] == ("finetune" if kept else "before")
+        assert _kl_to(res.student, net, vx) == pytest.approx(fc["finetune_kl"] if kept else fc["before_kl"],
+                                                             rel=1e-5, abs=1e-9)
         seen.append(fc["kept"])
         assert finetune_check_line(fc).endswith("from before fine-tuning" if fc["kept"] == "before"
                                                 else "the fine-tuned student")
+        rise = (fc["finetune_kl"] - fc["before_kl"]) / fc["se"]
+        assert f"({rise:+.1f} SE, tolerance {opts.check_tolerance:g} SE)" in finetune_check_line(fc)
     assert seen[0] == "before"  # lr 10 moves every weight and step size far off
 
 
@@ -483,9 +486,8 @@ def test_validation_auto_holds_out_close_images_and_probes_far_ones():
     assert seen["gaussian:32"] == ("probe", "far", 8, 32)
 
 
-def test_bn_probe_is_computed_once_per_teacher_and_arguments(monkeypatch):
-    """A second probe of the same weights, spec, size, seed and steps comes from the process cache (no synthesis),
-    equal to the first; other arguments, or a Teacher without a weights hash, synthesize again."""
+def _counted_probes(monkeypatch) -> tuple[nn.Module, Teacher, list]:
+    """The Chain net, its Teacher, and the list that records every probe synthesis (an empty process cache)."""
     from zeroshot_kd import synthesis
     from zeroshot_kd.quant import validation
 
@@ -500,6 +502,15 @@ def test_bn_probe_is_computed_once_per_teacher_and_arguments(monkeypatch):
 
     monkeypatch.setattr(synthesis, "optimize_batch", counting)
     monkeypatch.setattr(validation, "_PROBES", {})
+    return net, teacher, calls
+
+
+def test_bn_probe_is_computed_once_per_teacher_and_arguments(monkeypatch):
+    """A second probe of the same weights, spec, size, seed and steps comes from the process cache (no synthesis),
+    equal to the first; other arguments, or a Teacher without a weights hash, synthesize again."""
+    from zeroshot_kd.quant import validation
+
+    net, teacher, calls = _counted_probes(monkeypatch)
     cpu = torch.device("cpu")
     first = validation.bn_probe(teacher, 8, 0, cpu, iterations=20)
     again = validation.bn_probe(teacher, 8, 0, "cpu", iterations=20)
@@ -511,35 +522,100 @@ def test_bn_probe_is_computed_once_per_teacher_and_arguments(monkeypatch):
     assert len(calls) == 4
 
 
-def test_reconstruction_check_keeps_the_closer_student():
-    """The check returns whichever of the PTQ / reconstructed students has the lower validation KL (computed here
-    directly), and the pipeline's final student is the kept one."""
-    from zeroshot_kd.quant.pipeline import _closer
-    from zeroshot_kd.quant.validation import make_validation
+def test_bn_probe_is_kept_on_disk_between_processes(monkeypatch, probe_cache):
+    """With the process cache cleared (a new run), the probe is read back from ``$ZKD_CACHE_DIR/probes``, equal to the
+    synthesized one, without synthesis; a damaged file or ``ZKD_CACHE_DIR=off`` means synthesis again, with the same
+    images; another seed is another file."""
+    from zeroshot_kd.quant import validation
+
+    net, teacher, calls = _counted_probes(monkeypatch)
+    cpu = torch.device("cpu")
+    assert validation.probe_cache_dir() == probe_cache / "probes"
+    first = validation.bn_probe(teacher, 8, 0, cpu, iterations=20)
+    files = sorted((probe_cache / "probes").glob("*.pt"))
+    assert len(calls) == 1 and len(files) == 1
+    validation.clear_probe_cache()
+    assert torch.equal(validation.bn_probe(teacher, 8, 0, cpu, iterations=20), first) and len(calls) == 1
+    validation.clear_probe_cache()
+    files[0].write_bytes(b"not a torch file")
+    assert torch.equal(validation.bn_probe(teacher, 8, 0, cpu, iterations=20), first) and len(calls) == 2
+    validation.bn_probe(teacher, 8, 1, cpu, iterations=20)
+    assert len(calls) == 3 and len(list((probe_cache / "probes").glob("*.pt"))) == 2
+    monkeypatch.setenv("ZKD_CACHE_DIR", "off")
+    validation.clear_probe_cache()
+    assert validation.probe_cache_dir() is None
+    assert torch.equal(validation.bn_probe(teacher, 8, 0, cpu, iterations=20), first) and len(calls) == 4
+
+
+def _kl_each(student: nn.Module, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``KL(p_net || p_student)`` of each image, computed directly in float64."""
+    with torch.no_grad():
+        ls, lt = torch.log_softmax(student(x).double(), 1), torch.log_softmax(net(x).double(), 1)
+        return (lt.exp() * (lt - ls)).sum(1)
+
+
+def test_check_keeps_a_step_unless_its_kl_rises_beyond_the_paired_noise():
+    """The check's verdict equals the paired rule computed directly: keep ``after`` unless mean(d) > tolerance *
+    std(d) / sqrt(n) with d = per-image KL after - before; the boundary is at tolerance = mean(d) / SE exactly; a
+    wrecked student is rejected, a better one kept."""
+    from zeroshot_kd.quant.validation import CHECK_TOLERANCE, make_validation
 
     net = Chain().eval().requires_grad_(False)
     teacher = Teacher(net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(net))
     cpu = torch.device("cpu")
-    x = _x(12, seed=3)
-    val = make_validation(teacher, x, "held-out", cpu)
-    good, bad = copy.deepcopy(net), copy.deepcopy(net)
+    x = _x(48, seed=3)
+    val = make_validation(teacher, x, "held-out", cpu, batch_size=16)  # three batches: images kept in order
+    near, close, bad = copy.deepcopy(net), copy.deepcopy(net), copy.deepcopy(net)
+    g = torch.Generator().manual_seed(5)
     with torch.no_grad():
+        near.fc.weight.add_(0.5 * torch.randn(near.fc.weight.shape, generator=g))
+        close.fc.weight.add_(0.5 * torch.randn(close.fc.weight.shape, generator=g))
         bad.fc.weight.mul_(-1.0)
-    for ptq, recon, want in ((good, bad, "ptq"), (bad, good, "reconstruction")):
-        closer, kl_ptq, kl_recon = _closer(ptq, recon, val, cpu, "fp32")
-        assert closer is (want == "reconstruction")
-        assert kl_ptq == pytest.approx(_kl_to(ptq, net, x), rel=1e-5, abs=1e-9)
-        assert kl_recon == pytest.approx(_kl_to(recon, net, x), rel=1e-5, abs=1e-9)
+    seen = {}
+    for name, before, after in (("noise", near, close), ("noise'", close, near), ("bad", near, bad),
+                                ("good", bad, near)):
+        kb, ka = _kl_each(before, net, x), _kl_each(after, net, x)
+        d = ka - kb
+        se = (d.std() / len(d) ** 0.5).item()
+        v = val.compare(before, after, cpu)
+        assert v.kl_before == pytest.approx(kb.mean().item(), rel=1e-5, abs=1e-9)
+        assert v.kl_after == pytest.approx(ka.mean().item(), rel=1e-5, abs=1e-9)
+        assert v.se == pytest.approx(se, rel=1e-3)
+        assert v.kept is (d.mean().item() <= CHECK_TOLERANCE * se)
+        assert val.compare(before, after, cpu, tolerance=0.0).kept is (d.mean().item() <= 0)
+        seen[name] = (v.kept, d.mean().item() / se)
+    # the boundary sits at tolerance = rise / SE: just above it the worse perturbation is kept, just below rejected
+    worse = ("noise", near, close) if seen["noise"][1] > 0 else ("noise'", close, near)
+    t = seen[worse[0]][1]
+    assert t > 0
+    assert val.compare(worse[1], worse[2], cpu, tolerance=t * 1.001).kept
+    assert not val.compare(worse[1], worse[2], cpu, tolerance=t * 0.999).kept
+    assert not seen["bad"][0] and seen["good"][0]
 
+
+def test_reconstruction_check_keeps_the_reported_student():
+    """The pipeline's final student is the one its reconstruction check kept: its KL on the validation images
+    (computed here directly) is the kept student's, and ``kept`` follows the paired rule on the reported values."""
+    from zeroshot_kd.quant.report import recon_check_line
+
+    net = Chain().eval().requires_grad_(False)
+    teacher = Teacher(net, FASHION_MNIST_SPEC, {"kind": "test"}, state_sha256(net))
+    cpu = torch.device("cpu")
     opts = CalibrationOptions(data="gaussian:32", num_images=32, holdout=0, candidates=5, recon=True,
                               recon_iters=4, probe_images=8, validation="probe", progress=False)
     res = calibrate_student(teacher, QuantConfig(3, 3, keep_8bit="none"), opts, cpu)
     rc = res.report["recon_check"]
-    assert rc["kept"] == ("reconstruction" if rc["recon_kl"] <= rc["ptq_kl"] else "ptq")
+    assert rc["tolerance_se"] == opts.check_tolerance
+    assert rc["kept"] == ("reconstruction" if rc["recon_kl"] - rc["ptq_kl"] <= rc["tolerance_se"] * rc["se"]
+                          else "ptq")
     from zeroshot_kd.quant.validation import bn_probe
 
+    line = recon_check_line(rc)
+    assert line.endswith("kept the reconstructed student" if rc["kept"] == "reconstruction" else "kept the PTQ student")
+    assert f"({(rc['recon_kl'] - rc['ptq_kl']) / rc['se']:+.1f} SE, tolerance 2 SE)" in line
     vx = bn_probe(teacher, 8, 0, cpu)
-    assert _kl_to(res.student, net, vx) == pytest.approx(min(rc["ptq_kl"], rc["recon_kl"]), rel=1e-5, abs=1e-9)
+    kept_kl = rc["recon_kl"] if rc["kept"] == "reconstruction" else rc["ptq_kl"]
+    assert _kl_to(res.student, net, vx) == pytest.approx(kept_kl, rel=1e-5, abs=1e-9)
 
 
 def test_clipped_normal_mean_matches_quadrature():

@@ -39,7 +39,8 @@ from .calibrate import calibrate_activations, qparams_from_range
 from .fakequant import FakeQuantizer
 from .modules import QuantConv2d, quant_layers
 
-__all__ = ["NEW_ACT_METHODS", "calibrate_act_ranges", "calibrate_activations_auto", "following_activations", "logit_kl", "search_act_output", "set_weight_quant"]
+__all__ = ["NEW_ACT_METHODS", "calibrate_act_ranges", "calibrate_activations_auto", "following_activations",
+           "logit_kl", "logit_kl_per_image", "search_act_output", "set_weight_quant"]
 
 NEW_ACT_METHODS = ("auto", "output")
 
@@ -210,17 +211,24 @@ def search_act_output(model: nn.Module, batches: Sequence[torch.Tensor], device:
 
 
 @torch.no_grad()
-def logit_kl(model: nn.Module, batches: Sequence[torch.Tensor], ref_logits: Sequence[torch.Tensor],
-             device: torch.device, precision: str = "fp32") -> float:
-    """``KL(p_ref || p_model)`` (batchmean over all images, float32) of ``model``'s logits on ``batches``."""
-    tot, n = 0.0, 0
+def logit_kl_per_image(model: nn.Module, batches: Sequence[torch.Tensor], ref_logits: Sequence[torch.Tensor],
+                       device: torch.device, precision: str = "fp32") -> torch.Tensor:
+    """``KL(p_ref || p_model)`` of each image of ``batches`` (float32, on the CPU, in image order)."""
+    out = []
     for x, t in zip(batches, ref_logits):
         with autocast(device, precision):
             s = model(x.to(device))
-        kl = F.kl_div(F.log_softmax(s.float(), 1), F.log_softmax(t.float().to(device), 1), reduction="sum",
-                      log_target=True)
-        tot, n = tot + kl.item(), n + x.shape[0]
-    return tot / max(n, 1)
+        kl = F.kl_div(F.log_softmax(s.float(), 1), F.log_softmax(t.float().to(device), 1), reduction="none",
+                      log_target=True).sum(1)
+        out.append(kl.cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def logit_kl(model: nn.Module, batches: Sequence[torch.Tensor], ref_logits: Sequence[torch.Tensor],
+             device: torch.device, precision: str = "fp32") -> float:
+    """``KL(p_ref || p_model)`` (batchmean over all images, float32) of ``model``'s logits on ``batches``."""
+    kl = logit_kl_per_image(model, batches, ref_logits, device, precision)
+    return float(kl.sum()) / max(kl.numel(), 1)
 
 
 def _snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, bool]]:

@@ -23,8 +23,8 @@ from ..similarity import VERDICTS
 from .fakequant import sqnr_db
 from .modules import quant_layers
 
-__all__ = ["CALIBRATION_SET_AGREEMENT", "finetune_check_line", "global_metrics", "layer_report", "render_markdown",
-           "rounding_rate_line"]
+__all__ = ["CALIBRATION_SET_AGREEMENT", "finetune_check_line", "global_metrics", "layer_report", "recon_check_line",
+           "render_markdown", "rounding_rate_line"]
 
 # What the agreement is called when --data had no images beyond the calibration set (so none were held out).
 CALIBRATION_SET_AGREEMENT = "calibration-set agreement (no held-out images)"
@@ -215,9 +215,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {r['block']} | {r['layers']} | {_fmt(r['loss_before'], 5)} | {_fmt(r['loss_after'], 5)} |")
         check = report.get("recon_check")
         if check:
-            lines += ["", f"Reconstruction check: validation KL {_fmt(check['ptq_kl'], 5)} after PTQ, "
-                      f"{_fmt(check['recon_kl'], 5)} after reconstruction: kept the "
-                      f"{'reconstructed' if check['kept'] == 'reconstruction' else 'PTQ'} student."]
+            lines += ["", recon_check_line(check) + "."]
     if report.get("finetune"):
         keys = [k for k in report["finetune"][0] if k != "step"]
         lines += ["", "## Fine-tuning", "", "| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
@@ -238,8 +236,24 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _noise(check: dict[str, Any], before: str, after: str) -> str:
+    """`` (+1.3 SE, tolerance 2 SE)``: the KL change ``check[after] - check[before]`` in paired standard errors
+    (reports written before the tolerance existed have none)."""
+    if "se" not in check:
+        return ""
+    change = f"{(check[after] - check[before]) / check['se']:+.1f} SE" if check["se"] > 0 else "no spread"
+    return f" ({change}, tolerance {check['tolerance_se']:g} SE)"
+
+
+def recon_check_line(check: dict[str, Any]) -> str:
+    """``Reconstruction check: validation KL a after PTQ, b after reconstruction (...): kept ...`` (report.md, CLI)."""
+    which = "reconstructed" if check["kept"] == "reconstruction" else "PTQ"
+    return (f"Reconstruction check: validation KL {_fmt(check['ptq_kl'], 5)} after PTQ, {_fmt(check['recon_kl'], 5)} "
+            f"after reconstruction{_noise(check, 'ptq_kl', 'recon_kl')}: kept the {which} student")
+
+
 def finetune_check_line(check: dict[str, Any]) -> str:
-    """``Fine-tuning check: validation KL a before, b after: kept ...`` (report.md and the CLI)."""
+    """``Fine-tuning check: validation KL a before, b after (...): kept ...`` (report.md and the CLI)."""
     which = "the fine-tuned student" if check["kept"] == "finetune" else "the student from before fine-tuning"
     return (f"Fine-tuning check: validation KL {_fmt(check['before_kl'], 5)} before, {_fmt(check['finetune_kl'], 5)} "
-            f"after: kept {which}")
+            f"after{_noise(check, 'before_kl', 'finetune_kl')}: kept {which}")
