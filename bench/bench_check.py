@@ -43,7 +43,7 @@ from zeroshot_kd.evaluate import evaluate_model  # noqa: E402
 from zeroshot_kd.io import atomic_write_json  # noqa: E402
 from zeroshot_kd.quant.modules import QuantConfig  # noqa: E402
 from zeroshot_kd.quant.pipeline import CalibrationOptions, calibrate_student  # noqa: E402
-from zeroshot_kd.quant.validation import CHECK_TOLERANCE, Validation, clear_probe_cache  # noqa: E402
+from zeroshot_kd.quant.validation import CHECK_TOLERANCE, Comparison, Validation, clear_probe_cache  # noqa: E402
 
 TOLERANCES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, float("inf"))
 VERSION = 1
@@ -85,7 +85,7 @@ def run_cell(args: argparse.Namespace, tname: str, teacher: Any, test: Any, sour
 
 
 def rise(c: dict[str, Any]) -> float:
-    """The reconstruction's KL rise in standard errors (+inf / -inf when the SE is 0)."""
+    """The reconstruction's KL rise in standard errors, for the table (+inf / -inf when the SE is 0)."""
     d = c["recon_kl"] - c["ptq_kl"]
     return d / c["se"] if c["se"] > 0 else (float("inf") if d > 0 else float("-inf"))
 
@@ -112,7 +112,9 @@ def render(cells: list[dict[str, Any]], args: argparse.Namespace) -> None:
                + (" (default)" if tol == CHECK_TOLERANCE else "")]
         for t in teachers + [None]:
             sel = [c for c in cells if t is None or c["teacher"] == t]
-            picked = [c["recon_top1"] if rise(c) <= tol else c["ptq_top1"] for c in sel]
+            keep = [tol == float("inf") or Comparison(c["ptq_kl"], c["recon_kl"], c["se"], tol).kept
+                    for c in sel]  # the library's rule, not a copy of it
+            picked = [c["recon_top1"] if k else c["ptq_top1"] for c, k in zip(sel, keep)]
             best = [max(c["recon_top1"], c["ptq_top1"]) for c in sel]
             lost = sum(b - p > 0.5 for p, b in zip(picked, best))
             row += [f"{sum(picked) / len(sel):.2f}", str(lost)]
